@@ -1,0 +1,190 @@
+"""construct building blocks for JT/T 808 data types (JT/T 808-2019 clause 4.2, table 1).
+
+BYTE/WORD/DWORD are big-endian unsigned integers; BCD[n] packs two decimal digits per byte;
+STRING is GBK text (we decode with GB 18030, its superset, so that every GBK byte sequence a
+device sends is readable, and encode the same way: for GBK characters the bytes are identical).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from construct import (
+    Adapter,
+    Bytes,
+    Construct,
+    GreedyBytes,
+    Int8ub,
+    Int16ub,
+    Int32ub,
+    Prefixed,
+    Struct,
+)
+
+from protocol.errors import LocalProtocolError, TextDecodeError
+
+BYTE = Int8ub
+WORD = Int16ub
+DWORD = Int32ub
+
+TEXT_ENCODING = "gb18030"
+
+# Positions and events carry GMT+8 wall-clock time (clause 4.2, table 1, BCD[6] "GMT+8").
+GMT8 = timezone(timedelta(hours=8), "GMT+8")
+
+
+def decode_text(data: bytes) -> str:
+    try:
+        return data.decode(TEXT_ENCODING)
+    except UnicodeDecodeError as exc:
+        raise TextDecodeError(f"not GBK text: {data.hex()}") from exc
+
+
+def encode_text(text: str) -> bytes:
+    try:
+        return text.encode(TEXT_ENCODING)
+    except UnicodeEncodeError as exc:
+        raise LocalProtocolError(f"cannot encode {text!r} as GBK") from exc
+
+
+class _BcdDigits(Adapter):  # type: ignore[misc]
+    """BCD[n] as a string of 2n digits, exactly as on the wire (leading zeros kept).
+
+    Terminal phone numbers and ids are BCD; some devices put hex digits a-f there, which are
+    kept as they are rather than rejected.  Building left-pads with zeros.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__(Bytes(size))
+        self.size = size
+
+    def _decode(self, obj: bytes, context: Any, path: str) -> str:
+        return obj.hex()
+
+    def _encode(self, obj: str, context: Any, path: str) -> bytes:
+        digits = obj.rjust(2 * self.size, "0")
+        if len(digits) != 2 * self.size:
+            raise LocalProtocolError(f"{obj!r} does not fit BCD[{self.size}]")
+        try:
+            return bytes.fromhex(digits)
+        except ValueError as exc:
+            raise LocalProtocolError(f"{obj!r} is not a BCD digit string") from exc
+
+
+def BcdDigits(size: int) -> Construct:  # noqa: N802 - reads like the construct it builds
+    return _BcdDigits(size)
+
+
+class _BcdTime(Adapter):  # type: ignore[misc]
+    """BCD[6] YYMMDDhhmmss in GMT+8 (clause 4.2) as an aware datetime, or None.
+
+    Devices without a fix send all zeros or other impossible dates; those decode to None rather
+    than failing the whole report, and None builds as six zero bytes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(Bytes(6))
+
+    def _decode(self, obj: bytes, context: Any, path: str) -> datetime | None:
+        return bcd_time_to_datetime(obj)
+
+    def _encode(self, obj: datetime | None, context: Any, path: str) -> bytes:
+        return datetime_to_bcd_time(obj)
+
+
+def bcd_time_to_datetime(obj: bytes) -> datetime | None:
+    digits = obj.hex()
+    if not digits.isdigit():
+        return None
+    try:
+        return datetime(
+            2000 + int(digits[0:2]),
+            int(digits[2:4]),
+            int(digits[4:6]),
+            int(digits[6:8]),
+            int(digits[8:10]),
+            int(digits[10:12]),
+            tzinfo=GMT8,
+        )
+    except ValueError:
+        return None
+
+
+def datetime_to_bcd_time(obj: datetime | None) -> bytes:
+    if obj is None:
+        return bytes(6)
+    if obj.tzinfo is None:
+        raise LocalProtocolError("JT/T 808 times must be timezone-aware")
+    local = obj.astimezone(GMT8)
+    if not 2000 <= local.year <= 2099:
+        raise LocalProtocolError(f"{local.year} does not fit a two-digit BCD year")
+    return bytes.fromhex(local.strftime("%y%m%d%H%M%S"))
+
+
+BcdTime = _BcdTime()
+
+
+class _Text(Adapter):  # type: ignore[misc]
+    """GBK text over some byte construct; trailing NUL padding is dropped on decode."""
+
+    def _decode(self, obj: bytes, context: Any, path: str) -> str:
+        return decode_text(obj.rstrip(b"\x00"))
+
+    def _encode(self, obj: str, context: Any, path: str) -> bytes:
+        return encode_text(obj)
+
+
+class _FixedText(Adapter):  # type: ignore[misc]
+    """STRING of a fixed width, NUL padded on the right (2019 clause 4.2 note)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(Bytes(size))
+        self.size = size
+
+    def _decode(self, obj: bytes, context: Any, path: str) -> str:
+        return decode_text(obj.rstrip(b"\x00"))
+
+    def _encode(self, obj: str, context: Any, path: str) -> bytes:
+        data = encode_text(obj)
+        if len(data) > self.size:
+            raise LocalProtocolError(f"{obj!r} is longer than {self.size} bytes")
+        return data.ljust(self.size, b"\x00")
+
+
+def FixedText(size: int) -> Construct:  # noqa: N802
+    """A fixed-width GBK string."""
+    return _FixedText(size)
+
+
+def PrefixedText(length_field: Construct) -> Construct:  # noqa: N802
+    """GBK text preceded by its byte length."""
+    return _Text(Prefixed(length_field, GreedyBytes))
+
+
+GreedyText = _Text(GreedyBytes)
+"""GBK text running to the end of the body."""
+
+
+def Reserved(size: int) -> Construct:  # noqa: N802
+    """Reserved bytes: read and kept (they round-trip), written as given."""
+    return Bytes(size)
+
+
+__all__ = [
+    "BYTE",
+    "DWORD",
+    "GMT8",
+    "WORD",
+    "BcdDigits",
+    "BcdTime",
+    "FixedText",
+    "GreedyText",
+    "PrefixedText",
+    "Reserved",
+    "Struct",
+    "bcd_time_to_datetime",
+    "datetime_to_bcd_time",
+    "decode_text",
+    "encode_text",
+]

@@ -1,0 +1,3 @@
+"""Placeholder: filled in by the message catalogue work."""
+
+from __future__ import annotations
