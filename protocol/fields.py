@@ -8,18 +8,23 @@ device sends is readable, and encode the same way: for GBK characters the bytes 
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import IO, Any
 
 from construct import (
     Adapter,
     Bytes,
     Construct,
+    ConstructError,
     GreedyBytes,
+    IfThenElse,
     Int8ub,
     Int16ub,
     Int32ub,
+    ListContainer,
     Prefixed,
     Struct,
+    Subconstruct,
+    this,
 )
 
 from protocol.errors import LocalProtocolError, TextDecodeError
@@ -166,25 +171,163 @@ GreedyText = _Text(GreedyBytes)
 """GBK text running to the end of the body."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Optional and repeated fields
+
+IS_2019 = this._params.edition == 2019
+"""True while parsing/building a 2019 body (``Message.decode``/``encode`` pass the edition)."""
+
+
+class Absent(Construct):  # type: ignore[misc]
+    """A field that the edition or an attribute bit leaves out of the body.
+
+    Parses to None and builds nothing.  Building a value other than None is an error, so a
+    value the wire cannot carry is never dropped silently (and decode(encode(m)) == m holds for
+    every message that encodes).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flagbuildnone = True
+
+    def _parse(self, stream: IO[bytes], context: Any, path: str) -> None:
+        return None
+
+    def _build(self, obj: Any, stream: IO[bytes], context: Any, path: str) -> None:
+        if obj is not None:
+            raise ConstructError(
+                f"{obj!r} cannot be sent: this edition or the attribute bits leave the field out",
+                path=path,
+            )
+
+    def _sizeof(self, context: Any, path: str) -> int:
+        return 0
+
+
+ABSENT = Absent()
+"""Stands in for a field of another edition, so every edition's schema has every field name."""
+
+
+def present_if(condition: Any, subcon: Construct) -> Construct:
+    """``subcon`` when ``condition`` holds, else an absent field that reads as None."""
+    return IfThenElse(condition, subcon, ABSENT)
+
+
+def _at_end(stream: IO[bytes]) -> bool:
+    position = stream.tell()
+    more = stream.read(1)
+    stream.seek(position)
+    return not more
+
+
+class UntilEnd(Subconstruct):  # type: ignore[misc]
+    """Repeat ``subcon`` until the body ends.
+
+    Unlike construct's ``GreedyRange``, a malformed last element is an error (and a GBK error
+    stays a :class:`~protocol.errors.TextDecodeError`) instead of being dropped with the bytes
+    after it.  ``subcon`` must consume at least one byte.
+    """
+
+    def _parse(self, stream: IO[bytes], context: Any, path: str) -> ListContainer:
+        items = ListContainer()
+        while not _at_end(stream):
+            items.append(self.subcon._parsereport(stream, context, path))
+        return items
+
+    def _build(self, obj: Any, stream: IO[bytes], context: Any, path: str) -> Any:
+        for item in obj:
+            self.subcon._build(item, stream, context, path)
+        return obj
+
+
+class OptionalTail(Subconstruct):  # type: ignore[misc]
+    """``subcon`` if the body goes on, None if it has ended; None builds nothing."""
+
+    def __init__(self, subcon: Construct) -> None:
+        super().__init__(subcon)
+        self.flagbuildnone = True
+
+    def _parse(self, stream: IO[bytes], context: Any, path: str) -> Any:
+        if _at_end(stream):
+            return None
+        return self.subcon._parsereport(stream, context, path)
+
+    def _build(self, obj: Any, stream: IO[bytes], context: Any, path: str) -> Any:
+        if obj is None:
+            return None
+        return self.subcon._build(obj, stream, context, path)
+
+
+class _CappedText(Adapter):  # type: ignore[misc]
+    """GBK text to the end of the body, at most ``limit`` bytes when building.
+
+    Reading is lenient (a longer text from a peer is still read); our own messages must keep
+    to the standard's maximum.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(GreedyBytes)
+        self.limit = limit
+
+    def _decode(self, obj: bytes, context: Any, path: str) -> str:
+        return decode_text(obj.rstrip(b"\x00"))
+
+    def _encode(self, obj: str, context: Any, path: str) -> bytes:
+        data = encode_text(obj)
+        if len(data) > self.limit:
+            raise LocalProtocolError(f"{len(data)} bytes of text; the limit is {self.limit}")
+        return data
+
+
+def CappedText(limit: int) -> Construct:  # noqa: N802 - reads like the construct it builds
+    """GBK text running to the end of the body, at most ``limit`` bytes."""
+    return _CappedText(limit)
+
+
+class _Required(Adapter):  # type: ignore[misc]
+    """Refuses None when building (a field the layout needs, typed optional for other cases)."""
+
+    def _decode(self, obj: Any, context: Any, path: str) -> Any:
+        return obj
+
+    def _encode(self, obj: Any, context: Any, path: str) -> Any:
+        if obj is None:
+            raise ConstructError(f"{path}: a value is required here", path=path)
+        return obj
+
+
+def Required(subcon: Construct) -> Construct:  # noqa: N802
+    """``subcon``, with a clear build error instead of a crash when given None."""
+    return _Required(subcon)
+
+
 def Reserved(size: int) -> Construct:  # noqa: N802
     """Reserved bytes: read and kept (they round-trip), written as given."""
     return Bytes(size)
 
 
 __all__ = [
+    "ABSENT",
     "BYTE",
     "DWORD",
     "GMT8",
+    "IS_2019",
     "WORD",
+    "Absent",
     "BcdDigits",
     "BcdTime",
+    "CappedText",
     "FixedText",
     "GreedyText",
+    "OptionalTail",
     "PrefixedText",
+    "Required",
     "Reserved",
     "Struct",
+    "UntilEnd",
     "bcd_time_to_datetime",
     "datetime_to_bcd_time",
     "decode_text",
     "encode_text",
+    "present_if",
 ]

@@ -1,0 +1,93 @@
+"""The package dependency rules of the house style, checked on the source.
+
+    protocol  <- ingest, alerts, storage, tools
+    geofence  <- alerts
+    everything <- the application wiring (tools/cli.py and the modules it names as wiring)
+
+protocol is sans-IO (no trio, sockets, psycopg or clock); only ingest touches sockets; only
+storage imports psycopg.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("protocol", "ingest", "geofence", "alerts", "storage", "tools")
+
+# Which of our own packages each package may import.
+ALLOWED_PROJECT_IMPORTS = {
+    "protocol": set(),
+    "geofence": {"protocol"},
+    "alerts": {"protocol", "geofence"},
+    "storage": {"protocol"},
+    "ingest": {"protocol"},
+    "tools": {"protocol"},
+}
+# The application wiring may import everything.
+WIRING = {"tools/cli.py", "tools/serve_cmd.py"}
+
+SOCKET_MODULES = {"socket", "socketserver", "asyncio", "selectors", "ssl"}
+CLOCK_MODULES = {"time"}
+
+
+def _modules(package: str) -> Iterator[Path]:
+    yield from sorted((ROOT / package).rglob("*.py"))
+
+
+def _imports(path: Path) -> Iterator[tuple[str, int]]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, node.lineno
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module, node.lineno
+            for alias in node.names:
+                yield f"{node.module}.{alias.name}", node.lineno
+
+
+def _violations(package: str) -> list[str]:
+    found = []
+    for path in _modules(package):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in WIRING:
+            continue
+        for name, line in _imports(path):
+            top = name.split(".")[0]
+            where = f"{rel}:{line} imports {name}"
+            if top in PACKAGES and top != package and top not in ALLOWED_PROJECT_IMPORTS[package]:
+                found.append(where)
+            if package == "protocol" and (
+                top in {"trio", "psycopg"} | SOCKET_MODULES | CLOCK_MODULES
+            ):
+                found.append(where)
+            if package != "ingest" and (top in SOCKET_MODULES or name == "trio.socket"):
+                found.append(where)
+            if package != "storage" and top == "psycopg":
+                found.append(where)
+            if package in {"geofence"} and top in {"trio", "psycopg"} | SOCKET_MODULES:
+                found.append(where)
+    return found
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_package_imports_follow_the_house_rules(package: str) -> None:
+    assert _violations(package) == []
+
+
+def test_protocol_never_reads_the_clock() -> None:
+    for path in _modules("protocol"):
+        text = path.read_text(encoding="utf-8")
+        for needle in ("datetime.now", ".now(", "utcnow", "time.time", "monotonic("):
+            assert needle not in text, f"{path}: {needle}"
+
+
+def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
+    bad = tmp_path / "x.py"
+    bad.write_text("import trio\nfrom storage import writer\n", encoding="utf-8")
+    assert [name for name, _ in _imports(bad)] == ["trio", "storage", "storage.writer"]
