@@ -152,11 +152,16 @@ class FrameSplitter:
             end = buf.find(FLAG, start + 1, start + 2 + self.max_frame_bytes)
             if end < 0:
                 if len(buf) - start - 1 > self.max_frame_bytes:
-                    self._drop_all()
-                    self._skipping = True
-                    return FrameTooLargeError(
+                    error = FrameTooLargeError(
                         f"no closing flag within {self.max_frame_bytes} bytes"
                     )
+                    closing = buf.find(FLAG, start + 1)
+                    if closing >= 0:  # later frames already buffered survive
+                        self._pos = closing
+                    else:
+                        self._drop_all()
+                        self._skipping = True
+                    return error
                 self._compact()
                 return None
             if end == start + 1:

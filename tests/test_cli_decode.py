@@ -34,7 +34,8 @@ def _run(
     monkeypatch: pytest.MonkeyPatch | None = None,
     capsys: pytest.CaptureFixture[str] | None = None,
 ) -> tuple[int, list[dict[str, object]]]:
-    assert monkeypatch is not None and capsys is not None
+    assert monkeypatch is not None
+    assert capsys is not None
     monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
     code = main(["decode", *argv])
     out = capsys.readouterr().out

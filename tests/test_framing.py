@@ -29,7 +29,7 @@ from protocol.framing import (
 )
 from protocol.header import Edition, Header, build_header, parse_header
 from protocol.messages.location import LocationReport, Mileage
-from protocol.messages.terminal import Heartbeat
+from protocol.messages.terminal import Heartbeat, TerminalRegisterResponse
 
 PHONE = "013912345678"
 
@@ -133,6 +133,19 @@ def test_oversize_frame_is_refused_and_stream_resynchronises() -> None:
     decoder.feed(b"\x02" * 100 + _report(9))
     events = list(decoder)
     assert [e.serial for e in events if isinstance(e, Packet)] == [9]
+
+
+def test_frames_after_an_oversize_frame_in_the_same_read_survive() -> None:
+    decoder = StreamDecoder()
+    decoder.feed(b"\x7e" + b"\x11" * 5000 + _report(3) + _report(4))
+    events = list(decoder)
+    assert isinstance(events[0], FrameTooLargeError)
+    assert [e.serial for e in events[1:] if isinstance(e, Packet)] == [3, 4]
+
+
+def test_building_a_field_of_the_wrong_type_is_local_misuse() -> None:
+    with pytest.raises(LocalProtocolError):
+        TerminalRegisterResponse(reply_serial=1, result=0, auth_code=None).encode()
 
 
 def test_splitter_refuses_to_buffer_past_its_cap() -> None:

@@ -122,8 +122,10 @@ class Message(Record):
         """Encode the body; raises :class:`LocalProtocolError` if a field does not fit."""
         try:
             return bytes(self.schema(edition).build(self.to_build(), edition=int(edition)))
-        except ConstructError as exc:
-            raise LocalProtocolError(f"0x{self.MSG_ID:04x}: {exc}") from exc
+        except (ConstructError, AttributeError, TypeError, ValueError) as exc:
+            # construct reports a field of the wrong type (None for a text, say) as whatever
+            # the field's own code raised; all of it is a message that does not fit its schema.
+            raise LocalProtocolError(f"0x{self.MSG_ID:04x}: {exc!r}") from exc
 
 
 REGISTRY: dict[int, type[Message]] = {}

@@ -1,0 +1,304 @@
+"""The server's one typed configuration.
+
+Sources, strongest first: command-line flags, ``JT808_*`` environment variables, a TOML file,
+the defaults below.  The TOML file is named by ``--config FILE`` or ``JT808_CONFIG``; its keys
+are the field names of :class:`ServerConfig` at the top level::
+
+    port = 6808
+    ack = "durable"
+    heartbeat_interval_s = 30
+    capture_dir = "/var/lib/jt808/capture"
+
+An environment variable is ``JT808_`` + the field name in upper case (``JT808_HTTP_PORT=9900``;
+an empty value means "unset" for the fields that may be None).  A key that is not a field, in
+the file or in the environment, is a :class:`ConfigError`: a typo must not silently fall back to
+a default.  The only other ``JT808_*`` names tolerated are listed in :data:`OTHER_ENV`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from protocol.framing import MAX_ESCAPED_FRAME
+
+ENV_PREFIX = "JT808_"
+CONFIG_ENV = "JT808_CONFIG"
+# JT808_* names that belong to other parts of the application, not to this config.
+OTHER_ENV = frozenset({CONFIG_ENV, "JT808_TEST_DSN", "JT808_LOG_LEVEL"})
+
+AckMode = Literal["durable", "immediate"]
+RegistrationPolicy = Literal["open", "registry"]
+
+# One receive reads at most 64 KiB (see ingest.server); the decoder's buffer must hold an
+# unfinished frame plus one such read, so it may never be configured below this sum.
+RECV_CHUNK_BYTES = 64 * 1024
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message says which key and why."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """Everything the ingestion server can be told.  Units are in the names."""
+
+    # -- listening
+    host: str = "0.0.0.0"  # noqa: S104 - terminals connect from anywhere by design
+    port: int = 6808
+    # The operator port (/metrics, /healthz, /terminals) lists terminals: loopback by default.
+    http_host: str = "127.0.0.1"
+    http_port: int = 9808
+    workers: int = 1
+    # Accepted connections beyond this are closed at once.  A terminal holds one connection;
+    # 20 000 covers a large municipal fleet with room, and bounds sockets and tasks.
+    max_connections: int = 20_000
+
+    # -- protocol policy
+    ack: AckMode = "durable"
+    registration: RegistrationPolicy = "open"
+    # Refused messages and failed authentications a connection may cause before it is closed.
+    max_failures: int = 5
+
+    # -- timeouts
+    # JT/T 808-2019 table 20, parameter 0x0001; 60 s is the usual factory setting.
+    heartbeat_interval_s: float = 60.0
+    # None: three heartbeat intervals (a terminal that missed three is gone), capped below.
+    idle_timeout_s: float | None = None
+    idle_timeout_cap_s: float = 600.0
+    # A connection must authenticate within this time (bounds connections that never do).
+    auth_timeout_s: float = 60.0
+    # A peer that does not take our replies within this time is closed.
+    send_timeout_s: float = 30.0
+    # Graceful shutdown: how long connections get to finish in-flight acknowledgements.
+    shutdown_grace_s: float = 10.0
+
+    # -- per-connection caps
+    # Escaped bytes between two flags; the default is the largest legal frame (see
+    # protocol.framing.MAX_ESCAPED_FRAME), anything longer is junk.
+    max_frame_bytes: int = MAX_ESCAPED_FRAME
+    # The decoder's buffer: one unfinished frame plus one 64 KiB read, four times over.
+    max_buffered_bytes: int = 256 * 1024
+    # Stored but not yet acknowledged messages per connection.  Terminals mostly wait for each
+    # ack (stop-and-wait, clause 4.5.2 retransmission); back-fill bursts pipeline a few.  64
+    # un-acked 0x0704 of at most 1023 bytes each keep a connection under ~64 KiB of positions;
+    # when reached the connection stops reading until storage catches up.
+    max_unacked: int = 64
+
+    # -- retransmission dedup (shared by all connections)
+    # The terminal retransmits after T*(n+1) for n up to its retry count (clause 4.5.2; the
+    # factory defaults 10 s and 3 retries give 60 s); five minutes covers slow settings.
+    dedup_window_s: float = 300.0
+    # About 200 bytes an entry: 100 000 entries are ~20 MB, a 100 s window for 10 000
+    # terminals each reporting every 10 s.
+    dedup_max_entries: int = 100_000
+
+    # -- elsewhere in the application
+    dsn: str | None = None
+    capture_dir: Path | None = None
+    # Capture stops for a connection once its file reaches this size.
+    capture_max_bytes: int = 64 * 1024 * 1024
+    spool_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        problems = _validate(self)
+        if problems:
+            raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+    @property
+    def read_timeout_s(self) -> float:
+        """Silence (no complete frame) after which a connection is closed."""
+        if self.idle_timeout_s is not None:
+            return self.idle_timeout_s
+        return min(3 * self.heartbeat_interval_s, self.idle_timeout_cap_s)
+
+
+def _validate(config: ServerConfig) -> list[str]:
+    problems = []
+    for name in ("port", "http_port"):
+        value = getattr(config, name)
+        if not 0 <= value <= 0xFFFF:
+            problems.append(f"{name}={value} is not a TCP port")
+    problems.extend(
+        f"{name} must be at least 1"
+        for name in ("workers", "max_connections", "max_failures", "max_unacked", "max_frame_bytes")
+        if getattr(config, name) < 1
+    )
+    for name in (
+        "heartbeat_interval_s",
+        "idle_timeout_cap_s",
+        "auth_timeout_s",
+        "send_timeout_s",
+        "dedup_window_s",
+    ):
+        value = getattr(config, name)
+        if not (value > 0 and math.isfinite(value)):
+            problems.append(f"{name} must be a positive number of seconds")
+    if config.idle_timeout_s is not None and not config.idle_timeout_s > 0:
+        problems.append("idle_timeout_s must be positive")
+    if not config.shutdown_grace_s >= 0:
+        problems.append("shutdown_grace_s must not be negative")
+    if config.dedup_max_entries < 0 or config.capture_max_bytes < 0:
+        problems.append("dedup_max_entries and capture_max_bytes must not be negative")
+    if config.max_buffered_bytes < config.max_frame_bytes + RECV_CHUNK_BYTES:
+        problems.append(
+            f"max_buffered_bytes must hold max_frame_bytes plus one {RECV_CHUNK_BYTES}-byte read"
+        )
+    if config.ack not in typing.get_args(AckMode):
+        problems.append(f"ack must be one of {typing.get_args(AckMode)}")
+    if config.registration not in typing.get_args(RegistrationPolicy):
+        problems.append(f"registration must be one of {typing.get_args(RegistrationPolicy)}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+_HINTS: dict[str, Any] = typing.get_type_hints(ServerConfig)
+FIELDS = tuple(f.name for f in dataclasses.fields(ServerConfig))
+
+# argparse destination -> config field, for the flags of add_arguments.
+_FLAG_FIELDS = {
+    "dsn": "dsn",
+    "host": "host",
+    "port": "port",
+    "http_port": "http_port",
+    "ack": "ack",
+    "registration": "registration",
+    "workers": "workers",
+    "capture_dir": "capture_dir",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the server's flags.  Unset flags stay None so weaker sources can fill them."""
+    parser.add_argument("--config", metavar="FILE", type=Path, help="TOML configuration file")
+    parser.add_argument("--dsn", help="PostgreSQL connection string")
+    parser.add_argument("--host", help="address to listen on for terminals")
+    parser.add_argument("--port", type=int, help="TCP port for terminals (default 6808)")
+    parser.add_argument("--http-port", type=int, help="operator HTTP port (default 9808)")
+    parser.add_argument(
+        "--ack", choices=typing.get_args(AckMode), help="acknowledge after storage or at once"
+    )
+    parser.add_argument(
+        "--registration",
+        choices=typing.get_args(RegistrationPolicy),
+        help="open: any terminal may register; registry: provisioned terminals only",
+    )
+    parser.add_argument("--workers", type=int, metavar="N", help="server processes")
+    parser.add_argument(
+        "--capture", dest="capture_dir", type=Path, metavar="DIR", help="record inbound bytes"
+    )
+
+
+def load_config(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """Merge flags > environment > TOML file > defaults into a :class:`ServerConfig`."""
+    environ = {} if environ is None else environ
+    values: dict[str, Any] = {}
+    config_file: Path | None = getattr(args, "config", None) if args is not None else None
+    if config_file is None and environ.get(CONFIG_ENV):
+        config_file = Path(environ[CONFIG_ENV])
+    if config_file is not None:
+        values.update(_from_toml(config_file))
+    values.update(_from_env(environ))
+    if args is not None:
+        for dest, name in _FLAG_FIELDS.items():
+            value = getattr(args, dest, None)
+            if value is not None:
+                values[name] = value
+    try:
+        return ServerConfig(**values)
+    except TypeError as exc:  # pragma: no cover - keys are checked above
+        raise ConfigError(str(exc)) from exc
+
+
+def _from_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            document = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    unknown = sorted(set(document) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {_known()}")
+    return {key: _from_toml_value(key, value, path) for key, value in document.items()}
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, text in environ.items():
+        if not key.startswith(ENV_PREFIX) or key in OTHER_ENV:
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name not in FIELDS:
+            raise ConfigError(f"unknown environment variable {key}; known: {_known()}")
+        values[name] = _from_text(name, text, f"environment variable {key}")
+    return values
+
+
+def _known() -> str:
+    return ", ".join(FIELDS)
+
+
+def _base_type(name: str) -> tuple[Any, bool]:
+    """The field's type without ``| None``, and whether None is allowed."""
+    hint = _HINTS[name]
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], len(args) != len(typing.get_args(hint))
+    return hint, False
+
+
+def _from_text(name: str, text: str, where: str) -> Any:
+    base, optional = _base_type(name)
+    if optional and text == "":
+        return None
+    try:
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {text!r} is not {_article(base)}") from exc
+    if base is Path:
+        return Path(text)
+    return _check_choice(name, base, text, where)
+
+
+def _from_toml_value(name: str, value: Any, path: Path) -> Any:
+    base, _ = _base_type(name)
+    where = f"{path}: {name}"
+    if base is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base is Path and isinstance(value, str):
+        return Path(value)
+    if (base is str or typing.get_origin(base) is Literal) and isinstance(value, str):
+        return _check_choice(name, base, value, where)
+    raise ConfigError(f"{where}: {value!r} is not {_article(base)}")
+
+
+def _check_choice(name: str, base: Any, text: str, where: str) -> str:
+    if typing.get_origin(base) is Literal and text not in typing.get_args(base):
+        raise ConfigError(f"{where}: {text!r} is not one of {', '.join(typing.get_args(base))}")
+    return text
+
+
+def _article(base: Any) -> str:
+    if typing.get_origin(base) is Literal:
+        return "one of " + ", ".join(typing.get_args(base))
+    return {int: "an integer", float: "a number", Path: "a path", str: "a string"}.get(
+        base, str(base)
+    )

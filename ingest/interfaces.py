@@ -1,0 +1,335 @@
+"""What the server needs from the rest of the application, and in-memory stand-ins.
+
+The server never imports ``storage``: the application wiring adapts the real services to these
+small protocols.  The in-memory implementations serve the tests and a database-less demo.
+
+* :class:`TerminalRegistry` -- who may register, which auth code each terminal holds.
+* :class:`PositionSink` -- where positions go; ``submit`` answers with a :class:`Completion`
+  that tells, once awaited, whether the batch is durable.  With ``ack = "durable"`` the server
+  acknowledges a report only after its completion said durable.
+* :class:`SessionDirectory` -- which connection holds which terminal, so that a reconnecting
+  terminal takes over from its stale connection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Generic, Protocol, TypeVar
+
+import trio
+
+from protocol.header import Edition, Header
+from protocol.messages.location import Location
+from protocol.messages.terminal import (
+    REGISTER_OK,
+    REGISTER_TERMINAL_UNKNOWN,
+    TerminalRegister,
+)
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PositionRecord:
+    """One position to store.
+
+    ``header`` is the header of the frame that carried it (phone, serial, message id, edition
+    layout); ``edition`` the edition its body was read as.  ``batch_type`` is None for 0x0200
+    and the 0x0704 batch type otherwise (0 normal, 1 back-filled, JT/T 808-2019 table 61);
+    ``index`` is the position's place in its 0x0704 (0 for 0x0200).  ``received_at`` is the
+    server's wall-clock time of receipt, timezone-aware.
+    """
+
+    header: Header
+    edition: Edition
+    location: Location
+    batch_type: int | None
+    index: int
+    received_at: datetime
+
+    @property
+    def phone(self) -> str:
+        return self.header.phone
+
+    @property
+    def msg_id(self) -> int:
+        return self.header.msg_id
+
+    @property
+    def serial(self) -> int:
+        return self.header.serial
+
+
+class Completion(Protocol):
+    """The outcome of one :meth:`PositionSink.submit`."""
+
+    async def wait(self) -> bool:
+        """Wait until the batch is settled: True once durable, False if it was lost."""
+        ...
+
+
+class PositionSink(Protocol):
+    async def submit(self, records: Sequence[PositionRecord]) -> Completion:
+        """Take a batch (all positions of one message).  May block to push back.
+
+        The returned completion must settle eventually (durable or not), also when the sink
+        shuts down, or the connection waiting on it stops reading.
+        """
+        ...
+
+
+class CompletionEvent:
+    """A :class:`Completion` settled once with :meth:`settle` (from the trio thread).
+
+    A sink running its work in a worker thread settles it with
+    ``trio.from_thread.run_sync(completion.settle, durable)``.
+    """
+
+    __slots__ = ("_durable", "_event")
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self._durable = False
+
+    @property
+    def settled(self) -> bool:
+        return self._event.is_set()
+
+    def settle(self, durable: bool) -> None:
+        if self._event.is_set():
+            raise RuntimeError("completion settled twice")
+        self._durable = durable
+        self._event.set()
+
+    async def wait(self) -> bool:
+        await self._event.wait()
+        return self._durable
+
+
+class InMemoryPositionSink:
+    """Keeps positions in a list.  Start :meth:`run` in a nursery before submitting.
+
+    Test switches: ``delay_s`` waits before each batch becomes durable; :meth:`stall` holds
+    every batch until :meth:`resume`; ``durable = False`` settles batches as lost (their
+    positions are not kept).
+    """
+
+    # Batches waiting for the worker.  Every connection has at most ``max_unacked`` batches
+    # in flight; past this the submitters block, which is the sink's own back-pressure.
+    QUEUE_BATCHES = 1024
+
+    def __init__(self, *, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.durable = True
+        self.records: list[PositionRecord] = []
+        self.submitted = 0  # batches handed to submit, settled or not
+        self._send, self._receive = trio.open_memory_channel[
+            tuple[Sequence[PositionRecord], CompletionEvent]
+        ](self.QUEUE_BATCHES)
+        self._running = trio.Event()
+        self._running.set()
+
+    @property
+    def stalled(self) -> bool:
+        return not self._running.is_set()
+
+    def stall(self) -> None:
+        if self._running.is_set():
+            self._running = trio.Event()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def phones(self) -> list[str]:
+        return [r.phone for r in self.records]
+
+    async def submit(self, records: Sequence[PositionRecord]) -> CompletionEvent:
+        completion = CompletionEvent()
+        self.submitted += 1
+        await self._send.send((tuple(records), completion))
+        return completion
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for records, completion in self._receive:
+            await self._running.wait()
+            if self.delay_s:
+                await trio.sleep(self.delay_s)
+            durable = self.durable
+            if durable:
+                self.records.extend(records)
+            completion.settle(durable)
+
+
+# ---------------------------------------------------------------------------------------------
+# Terminals
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RegistrationRequest:
+    """A 0x0100 to decide on, with the auth code to issue if it is accepted.
+
+    ``policy`` is the server's registration policy: "open" accepts every terminal (recording
+    unprovisioned ones as such), "registry" only provisioned ones.
+    """
+
+    phone: str
+    edition: Edition
+    message: TerminalRegister
+    auth_code: str
+    policy: str
+    at: datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RegistrationOutcome:
+    """``result`` is a JT/T 808-2019 table 9 code (0 ok, 1 vehicle already registered,
+    2 vehicle not in database, 3 terminal already registered, 4 terminal not in database);
+    ``auth_code`` is the code to send back on success (normally the one proposed)."""
+
+    result: int
+    auth_code: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AuthRequest:
+    """A 0x0102; ``imei`` and ``software_version`` are sent by 2019 terminals only."""
+
+    phone: str
+    edition: Edition
+    auth_code: str
+    imei: str | None
+    software_version: str | None
+    at: datetime
+
+
+class TerminalRegistry(Protocol):
+    async def register(self, request: RegistrationRequest) -> RegistrationOutcome: ...
+
+    async def authenticate(self, request: AuthRequest) -> bool:
+        """True if the code is the one issued to the terminal; records IMEI and firmware."""
+        ...
+
+    async def lookup(self, phone: str) -> TerminalInfo | None: ...
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class TerminalInfo:
+    """What the in-memory registry knows about one terminal."""
+
+    phone: str
+    provisioned: bool
+    auth_code: str | None = None
+    plate: str | None = None
+    terminal_id: str | None = None
+    imei: str | None = None
+    software_version: str | None = None
+    registered_at: datetime | None = None
+    authenticated_at: datetime | None = None
+
+
+class InMemoryTerminalRegistry:
+    """A dict-backed :class:`TerminalRegistry`.  :meth:`provision` adds a known terminal."""
+
+    def __init__(self) -> None:
+        self.terminals: dict[str, TerminalInfo] = {}
+
+    def provision(self, phone: str, *, auth_code: str | None = None) -> TerminalInfo:
+        info = TerminalInfo(phone=phone, provisioned=True, auth_code=auth_code)
+        self.terminals[phone] = info
+        return info
+
+    async def register(self, request: RegistrationRequest) -> RegistrationOutcome:
+        await trio.lowlevel.checkpoint()
+        info = self.terminals.get(request.phone)
+        if info is None:
+            if request.policy != "open":
+                return RegistrationOutcome(result=REGISTER_TERMINAL_UNKNOWN)
+            info = TerminalInfo(phone=request.phone, provisioned=False)
+            self.terminals[request.phone] = info
+        info.auth_code = request.auth_code
+        info.plate = request.message.plate
+        info.terminal_id = request.message.terminal_id
+        info.registered_at = request.at
+        return RegistrationOutcome(result=REGISTER_OK, auth_code=request.auth_code)
+
+    async def authenticate(self, request: AuthRequest) -> bool:
+        await trio.lowlevel.checkpoint()
+        info = self.terminals.get(request.phone)
+        if info is None or info.auth_code is None or info.auth_code != request.auth_code:
+            return False
+        if request.imei is not None:
+            info.imei = request.imei
+        if request.software_version is not None:
+            info.software_version = request.software_version
+        info.authenticated_at = request.at
+        return True
+
+    async def lookup(self, phone: str) -> TerminalInfo | None:
+        await trio.lowlevel.checkpoint()
+        return self.terminals.get(phone)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sessions
+
+
+class SessionHandle(Protocol):
+    """A connection as the directory sees it."""
+
+    @property
+    def phone(self) -> str | None: ...
+
+    def kick(self) -> None:
+        """Close the connection (it lost its terminal to a newer connection)."""
+        ...
+
+
+H = TypeVar("H", bound=SessionHandle)
+
+
+class SessionDirectory(Protocol[H]):
+    def claim(self, phone: str, handle: H) -> H | None:
+        """Make ``handle`` the holder of ``phone``; returns the previous holder, if another."""
+        ...
+
+    def release(self, phone: str, handle: H) -> None:
+        """Forget ``handle`` if it still holds ``phone``."""
+        ...
+
+    def holders(self) -> Iterator[H]: ...
+
+
+class InMemorySessionDirectory(Generic[H]):
+    """The directory of one server process (terminals of other workers are not seen).
+
+    Bounded by the server's connection cap: at most one entry per open connection.
+    """
+
+    def __init__(self) -> None:
+        self._holders: dict[str, H] = {}
+
+    def __len__(self) -> int:
+        return len(self._holders)
+
+    def get(self, phone: str) -> H | None:
+        return self._holders.get(phone)
+
+    def claim(self, phone: str, handle: H) -> H | None:
+        previous = self._holders.get(phone)
+        self._holders[phone] = handle
+        return previous if previous is not handle else None
+
+    def release(self, phone: str, handle: H) -> None:
+        if self._holders.get(phone) is handle:
+            del self._holders[phone]
+
+    def holders(self) -> Iterator[H]:
+        return iter(list(self._holders.values()))

@@ -1,0 +1,113 @@
+"""Prometheus metrics of the ingestion server.
+
+Metrics live in a :class:`prometheus_client.CollectorRegistry` given to :class:`Metrics`, never
+in the global default registry, so each server (and each test) has its own.  Label values are
+bounded: message ids are 16-bit and written ``0x%04x``, error kinds come from the codec's fixed
+error classes, reasons from a fixed set in the server.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Ack latency from receipt of a report to its 0x8001: sub-millisecond when acking at once, a
+# few to a few hundred milliseconds through a database commit, seconds when storage stalls.
+ACK_LATENCY_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+def msg_label(msg_id: int) -> str:
+    return f"0x{msg_id:04x}"
+
+
+class Metrics:
+    """All metrics of one server, registered in ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.connections = Counter("jt808_connections", "Terminal connections accepted", registry=r)
+        self.connections_refused = Counter(
+            "jt808_connections_refused",
+            "Connections closed at once because max_connections was reached",
+            registry=r,
+        )
+        self.connections_open = Gauge(
+            "jt808_connections_open", "Terminal connections open now", registry=r
+        )
+        self.connections_closed = Counter(
+            "jt808_connections_closed", "Connections closed, by reason", ["reason"], registry=r
+        )
+        self.sessions = Gauge(
+            "jt808_sessions_authenticated", "Authenticated terminal sessions now", registry=r
+        )
+        self.frames = Counter(
+            "jt808_frames", "Frames decoded, by message id", ["msg_id"], registry=r
+        )
+        self.decode_errors = Counter(
+            "jt808_decode_errors", "Frames that did not decode, by kind", ["kind"], registry=r
+        )
+        self.auth_failures = Counter(
+            "jt808_auth_failures", "Failed 0x0102 authentications", registry=r
+        )
+        self.registrations = Counter(
+            "jt808_registrations",
+            "0x0100 registrations answered, by result",
+            ["result"],
+            registry=r,
+        )
+        self.refused = Counter(
+            "jt808_refused_messages",
+            "Messages answered with failure before authentication",
+            registry=r,
+        )
+        self.positions = Counter(
+            "jt808_positions_submitted", "Positions handed to storage", registry=r
+        )
+        self.duplicates = Counter(
+            "jt808_retransmissions",
+            "Reports acknowledged again but not stored again",
+            registry=r,
+        )
+        self.not_durable = Counter(
+            "jt808_batches_not_durable", "Batches storage reported lost", registry=r
+        )
+        self.takeovers = Counter(
+            "jt808_takeovers",
+            "Connections closed because their terminal reconnected",
+            registry=r,
+        )
+        self.ack_latency = Histogram(
+            "jt808_ack_latency_seconds",
+            "Receipt of a report to its acknowledgement",
+            buckets=ACK_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.unacked = Gauge(
+            "jt808_unacked_reports", "Reports waiting for storage, all connections", registry=r
+        )
+        self.backpressured = Gauge(
+            "jt808_connections_backpressured",
+            "Connections not reading because their un-acked cap is reached",
+            registry=r,
+        )
+        self.buffered_bytes = Gauge(
+            "jt808_decoder_buffered_bytes", "Bytes held by frame decoders", registry=r
+        )
+        self.capture_bytes = Counter(
+            "jt808_capture_bytes", "Bytes written to capture files", registry=r
+        )

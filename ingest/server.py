@@ -1,0 +1,589 @@
+"""The JT/T 808 TCP server: moves bytes between sockets, the codec and the pure session.
+
+One trio task per connection reads (at most 64 KiB a time), feeds the
+:class:`~protocol.StreamDecoder`, hands each event to the connection's
+:class:`~ingest.session.Session` and performs the actions it returns.  A second task per
+connection awaits storage completions in submission order and sends the acks they release.
+Decisions live in the session; this module only does I/O, timeouts and bookkeeping.
+
+Contract
+    * ``ack = "durable"``: a 0x0200/0x0704 is acknowledged only after the sink's completion
+      said durable, in arrival order; not durable means no ack (the terminal retransmits).
+      ``ack = "immediate"``: acknowledged when handed to the sink.
+    * Back-pressure: while ``max_unacked`` reports of a connection wait for storage, that
+      connection stops reading (TCP flow control then slows the terminal).  Nothing
+      acknowledged is ever dropped.
+    * Timeouts: a connection is closed after ``read_timeout_s`` without a complete frame
+      (bytes that never finish a frame do not count, so a slow-loris client is closed too),
+      when it is not authenticated ``auth_timeout_s`` after connecting, or when a reply does not
+      leave within ``send_timeout_s``.
+    * Takeover: when a terminal authenticates, the connection that held its phone is closed.
+    * Peer errors end only their connection; bugs are not caught.
+    * Graceful shutdown (:meth:`Server.shutdown`): stop accepting, let each connection stop
+      reading and send the acks still in flight for up to ``shutdown_grace_s``, cancel what is
+      left, return from :meth:`Server.run`.  Cancelling :meth:`Server.run` instead stops at once.
+
+Capture: with ``capture_dir`` set each connection's inbound bytes are recorded; the file format
+is documented in :mod:`ingest.capture`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+from collections.abc import Callable, Iterable, MutableMapping
+from datetime import UTC, datetime
+from typing import Any
+
+import trio
+
+from ingest.capture import CaptureWriter
+from ingest.config import RECV_CHUNK_BYTES, ServerConfig
+from ingest.http import OperatorHttp
+from ingest.interfaces import (
+    Completion,
+    InMemorySessionDirectory,
+    PositionSink,
+    SessionDirectory,
+    TerminalRegistry,
+)
+from ingest.metrics import Metrics, msg_label
+from ingest.session import (
+    STORED_MSG_IDS,
+    Action,
+    Authenticate,
+    Claim,
+    Close,
+    DedupCache,
+    Log,
+    Register,
+    Send,
+    Session,
+    SessionPolicy,
+    Store,
+)
+from protocol.codec import Packet, StreamDecoder
+from protocol.errors import RemoteProtocolError
+
+logger = logging.getLogger(__name__)
+
+PEER_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, RemoteProtocolError)
+
+
+def _auth_code() -> str:
+    # 8 random bytes as 16 hex digits: unguessable, and short enough for the one-byte length
+    # prefix of the 2019 0x0102 (table 10).
+    return secrets.token_hex(8)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _TerminalLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every line with the connection's terminal phone (or ``?`` before the first
+    frame) and connection number."""
+
+    def __init__(self, connection: _Connection) -> None:
+        super().__init__(logger)
+        self._connection = connection
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        conn = self._connection
+        return f"phone={conn.session.phone or '?'} conn={conn.number} {msg}", kwargs
+
+
+class Server:
+    """The terminal-facing server.
+
+    ``sink`` receives :class:`~ingest.interfaces.PositionRecord` batches, ``registry`` decides
+    registrations and authentications.  ``directory`` defaults to an in-process one;
+    ``metrics`` to a fresh registry.  ``new_auth_code`` and ``wall_clock`` are injectable for
+    tests.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        sink: PositionSink,
+        registry: TerminalRegistry,
+        directory: SessionDirectory[_Connection] | None = None,
+        metrics: Metrics | None = None,
+        new_auth_code: Callable[[], str] = _auth_code,
+        wall_clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self.config = config
+        self.sink = sink
+        self.registry = registry
+        self.directory: SessionDirectory[_Connection] = (
+            directory if directory is not None else InMemorySessionDirectory()
+        )
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.new_auth_code = new_auth_code
+        self.wall_clock = wall_clock
+        self.policy = SessionPolicy(
+            ack=config.ack, registration=config.registration, max_failures=config.max_failures
+        )
+        self.dedup = DedupCache(
+            window_s=config.dedup_window_s, max_entries=config.dedup_max_entries
+        )
+        self.ports: list[int] = []
+        self.accepting = False
+        self._connections: set[_Connection] = set()
+        self._numbers = itertools.count(1)
+        self._limiter = trio.CapacityLimiter(config.max_connections)
+        self._shutdown = trio.Event()
+        self._all_closed: trio.Event | None = None
+        self.metrics.connections_open.set_function(lambda: len(self._connections))
+        self.metrics.sessions.set_function(
+            lambda: sum(1 for c in self._connections if c.session.authenticated)
+        )
+
+    # -- service
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve terminals until :meth:`shutdown`; reports the bound port(s) when listening."""
+        config = self.config
+        if config.workers > 1:
+            listeners = await open_shared_listeners(config.port, host=config.host)
+        else:
+            listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        self.ports = [listener.socket.getsockname()[1] for listener in listeners]
+        async with trio.open_nursery() as nursery:
+            accept_scope = trio.CancelScope()
+            nursery.start_soon(self._accept, listeners, nursery, accept_scope)
+            self.accepting = True
+            logger.info("listening for terminals on %s port(s) %s", config.host, self.ports)
+            task_status.started(self.ports)
+            await self._shutdown.wait()
+
+            accept_scope.cancel()
+            self.accepting = False
+            logger.info(
+                "shutting down: %s connection(s) get %s s to finish",
+                len(self._connections),
+                config.shutdown_grace_s,
+            )
+            if self._connections:
+                self._all_closed = trio.Event()
+                for connection in list(self._connections):
+                    connection.drain()
+                with trio.move_on_after(config.shutdown_grace_s):
+                    await self._all_closed.wait()
+            if self._connections:
+                logger.warning("closing %s connection(s) after the grace", len(self._connections))
+            nursery.cancel_scope.cancel()
+        logger.info("server stopped")
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown; :meth:`run` returns when it is done."""
+        self._shutdown.set()
+
+    def operator_http(self) -> OperatorHttp:
+        """The operator HTTP service for this server (start its ``run`` too)."""
+        return OperatorHttp(
+            host=self.config.http_host,
+            port=self.config.http_port,
+            registry=self.metrics.registry,
+            terminals=self.terminals,
+            healthy=lambda: self.accepting,
+        )
+
+    def terminals(self) -> list[dict[str, Any]]:
+        """Online (authenticated) sessions, for ``/terminals``."""
+        return [c.describe() for c in self._connections if c.session.authenticated]
+
+    # -- connections
+
+    async def _accept(
+        self,
+        listeners: list[trio.SocketListener],
+        nursery: trio.Nursery,
+        scope: trio.CancelScope,
+    ) -> None:
+        with scope:
+            await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            self._limiter.acquire_on_behalf_of_nowait(stream)
+        except trio.WouldBlock:
+            self.metrics.connections_refused.inc()
+            logger.warning("refusing a connection: %s open", self.config.max_connections)
+            await trio.aclose_forcefully(stream)
+            return
+        connection = _Connection(self, stream, next(self._numbers))
+        self._connections.add(connection)
+        self.metrics.connections.inc()
+        connection.log.info("connected from %s", connection.peer)
+        try:
+            with connection.scope:
+                await connection.run()
+        except* PEER_ERRORS as group:
+            connection.close_reason = f"peer error: {group.exceptions[0]!r}"
+        finally:
+            self._connections.discard(connection)
+            self._limiter.release_on_behalf_of(stream)
+            phone = connection.session.phone
+            if phone is not None:
+                self.directory.release(phone, connection)
+            self.metrics.connections_closed.labels(connection.close_reason_label).inc()
+            connection.log.info("closed: %s", connection.close_reason)
+            await connection.cleanup()
+            if self._all_closed is not None and not self._connections:
+                self._all_closed.set()
+
+    def claim(self, connection: _Connection, phone: str) -> None:
+        previous = self.directory.claim(phone, connection)
+        if previous is not None:
+            self.metrics.takeovers.inc()
+            connection.log.info(
+                "takes over from connection %s (%s)", previous.number, previous.peer
+            )
+            previous.kick()
+
+
+# Reasons a connection ends, as metric labels (a fixed set).
+_REASON_LABELS = (
+    "logout",
+    "too many failures",
+    "peer closed",
+    "idle timeout",
+    "auth timeout",
+    "send timeout",
+    "taken over",
+    "shutdown",
+)
+
+
+class _Connection:
+    """One terminal connection: its session, decoder and tasks."""
+
+    def __init__(self, server: Server, stream: trio.SocketStream, number: int) -> None:
+        self.server = server
+        self.config = server.config
+        self.stream = stream
+        self.number = number
+        self.peer = _peer_name(stream)
+        self.session = Session(
+            policy=server.policy, dedup=server.dedup, new_auth_code=server.new_auth_code
+        )
+        self.decoder = StreamDecoder(
+            max_frame_bytes=self.config.max_frame_bytes,
+            max_buffered_bytes=self.config.max_buffered_bytes,
+        )
+        self.log = _TerminalLog(self)
+        self.metrics = server.metrics
+        self.scope = trio.CancelScope()
+        self.connected_at = trio.current_time()
+        self.connected_since = server.wall_clock()
+        self.last_seen = self.connected_since
+        self.close_reason = "cancelled"
+        self._last_activity = self.connected_at
+        self._stop_reading = False
+        self._drain_on_close = False
+        self._interruptible: trio.CancelScope | None = None
+        self._send_lock = trio.Lock()
+        self._progress = trio.Event()
+        # (ticket, completion) in submission order; at most max_unacked are in flight.
+        self._completions_in, self._completions_out = trio.open_memory_channel[
+            tuple[int, Completion]
+        ](self.config.max_unacked + 1)
+        self._capture: CaptureWriter | None = None
+        self._buffered_reported = 0
+        self._in_flight_reported = 0
+        self._counted = (0, 0)
+
+    @property
+    def phone(self) -> str | None:
+        return self.session.phone
+
+    def stopping(self) -> bool:
+        """Reading has ended or is ending (a method: mypy must not narrow it across awaits)."""
+        return self._stop_reading
+
+    @property
+    def close_reason_label(self) -> str:
+        reason = self.close_reason
+        return reason if reason in _REASON_LABELS else reason.split(":", 1)[0]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "phone": self.session.phone,
+            "edition": int(self.session.edition) if self.session.edition else None,
+            "peer": self.peer,
+            "connected_since": self.connected_since.isoformat(),
+            "last_seen": self.last_seen.isoformat(),
+        }
+
+    # -- control from outside
+
+    def kick(self) -> None:
+        """Close at once: the terminal has a newer connection."""
+        self.close_reason = "taken over"
+        self.scope.cancel()
+
+    def drain(self) -> None:
+        """Stop reading, send the acks in flight, then close (graceful shutdown)."""
+        if not self._stop_reading:
+            self.close_reason = "shutdown"
+        self._stop_reading = True
+        self._drain_on_close = True
+        if self._interruptible is not None:
+            self._interruptible.cancel()
+
+    # -- tasks
+
+    async def run(self) -> None:
+        if self.config.capture_dir is not None:
+            await self._open_capture()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._acknowledge)
+            await self._read()
+            if self._drain_on_close and self.session.pending:
+                # Bounded by the grace; the server's own deadline bounds a shutdown as well.
+                with trio.move_on_after(self.config.shutdown_grace_s):
+                    while self.session.pending:
+                        await self._progress.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _read(self) -> None:
+        while not self.stopping():
+            deadline, reason = self._read_deadline()
+            with trio.CancelScope(deadline=deadline) as scope:
+                self._interruptible = scope
+                data = await self.stream.receive_some(RECV_CHUNK_BYTES)
+            self._interruptible = None
+            if scope.cancelled_caught:
+                if not self._stop_reading:
+                    self.close_reason = reason
+                return
+            if not data:
+                self.close_reason = "peer closed"
+                return
+            await self._record(data)
+            self.decoder.feed(data)
+            for event in self.decoder:
+                await self._handle(event)
+                if self.stopping():
+                    break
+            self._report_buffered()
+
+    def _read_deadline(self) -> tuple[float, str]:
+        idle = self._last_activity + self.config.read_timeout_s
+        if not self.session.authenticated:
+            auth = self.connected_at + self.config.auth_timeout_s
+            if auth < idle:
+                return auth, "auth timeout"
+        return idle, "idle timeout"
+
+    async def _handle(self, event: Packet | RemoteProtocolError) -> None:
+        now = trio.current_time()
+        self._last_activity = now
+        self.last_seen = self.server.wall_clock()
+        if isinstance(event, RemoteProtocolError):
+            self.metrics.decode_errors.labels(event.kind).inc()
+            await self._perform(self.session.protocol_error(event, now=now))
+            return
+        self.metrics.frames.labels(msg_label(event.msg_id)).inc()
+        if event.msg_id in STORED_MSG_IDS and self.session.authenticated:
+            await self._wait_for_room()
+            if self.stopping():
+                return
+            now = trio.current_time()
+        actions = self.session.receive(event, now=now, wall=self.last_seen)
+        self._count_session()
+        await self._perform(actions)
+
+    async def _wait_for_room(self) -> None:
+        """Stop reading while the connection's un-acked reports are at their cap."""
+        if self.session.pending < self.config.max_unacked:
+            return
+        self.metrics.backpressured.inc()
+        self.log.debug("%s reports un-acked: not reading", self.session.pending)
+        try:
+            with trio.CancelScope() as scope:
+                self._interruptible = scope
+                if self._stop_reading:
+                    scope.cancel()
+                while self.session.pending >= self.config.max_unacked:
+                    await self._progress.wait()
+            self._interruptible = None
+        finally:
+            self.metrics.backpressured.dec()
+        self._last_activity = trio.current_time()
+
+    async def _acknowledge(self) -> None:
+        """Await completions in submission order; send the acks they release."""
+        async for ticket, completion in self._completions_out:
+            durable = await completion.wait()
+            self.metrics.unacked.dec()
+            self._in_flight_reported -= 1
+            if not durable:
+                self.metrics.not_durable.inc()
+            await self._perform(self.session.storage_done(ticket, durable, now=trio.current_time()))
+            # Wake the reader (back-pressure) and a draining close only after the acks left.
+            self._progress.set()
+            self._progress = trio.Event()
+
+    # -- actions
+
+    async def _perform(self, actions: Iterable[Action]) -> None:
+        for action in actions:
+            match action:
+                case Send():
+                    await self._send(action)
+                case Store():
+                    await self._store(action)
+                case Register():
+                    outcome = await self.server.registry.register(action.request)
+                    self.metrics.registrations.labels(str(outcome.result)).inc()
+                    now = trio.current_time()
+                    await self._perform(self.session.registration_done(action, outcome, now=now))
+                case Authenticate():
+                    ok = await self.server.registry.authenticate(action.request)
+                    if not ok:
+                        self.metrics.auth_failures.inc()
+                    now = trio.current_time()
+                    await self._perform(self.session.authentication_done(action, ok, now=now))
+                case Claim():
+                    self.server.claim(self, action.phone)
+                case Close():
+                    if not self._stop_reading:
+                        self.close_reason = action.reason
+                    self._stop_reading = True
+                    self._drain_on_close = self._drain_on_close or action.drain
+                case Log():
+                    self.log.log(action.level, action.message, *action.args)
+        self._count_session()
+
+    async def _store(self, action: Store) -> None:
+        completion = await self.server.sink.submit(action.records)
+        self.metrics.positions.inc(len(action.records))
+        self.metrics.unacked.inc()
+        self._in_flight_reported += 1
+        await self._completions_in.send((action.ticket, completion))
+
+    async def _send(self, action: Send) -> None:
+        async with self._send_lock:
+            try:
+                with trio.fail_after(self.config.send_timeout_s):
+                    await self.stream.send_all(action.wire)
+            except trio.TooSlowError:
+                self._abort("send timeout")
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._abort(f"peer error: {exc!r}")
+                return
+        if action.acked_at is not None:
+            self.metrics.ack_latency.observe(trio.current_time() - action.acked_at)
+
+    def _abort(self, reason: str) -> None:
+        self.close_reason = reason
+        self._stop_reading = True
+        self.scope.cancel()
+
+    # -- bookkeeping
+
+    def _count_session(self) -> None:
+        counted = (self.session.retransmissions, self.session.refused)
+        before = self._counted
+        if counted != before:
+            self.metrics.duplicates.inc(counted[0] - before[0])
+            self.metrics.refused.inc(counted[1] - before[1])
+            self._counted = counted
+
+    def _report_buffered(self) -> None:
+        buffered = self.decoder.buffered
+        if buffered != self._buffered_reported:
+            self.metrics.buffered_bytes.inc(buffered - self._buffered_reported)
+            self._buffered_reported = buffered
+
+    async def _open_capture(self) -> None:
+        directory = self.config.capture_dir
+        assert directory is not None
+        try:
+            self._capture = await CaptureWriter.open(
+                directory,
+                connection=self.number,
+                peer=self.peer,
+                wall=self.connected_since,
+                start=self.connected_at,
+                max_bytes=self.config.capture_max_bytes,
+            )
+        except OSError as exc:
+            self.log.warning("cannot capture to %s: %s", directory, exc)
+
+    async def _record(self, data: bytes) -> None:
+        if self._capture is None:
+            return
+        try:
+            written = await self._capture.record(data, now=trio.current_time())
+        except OSError as exc:
+            self.log.warning("capture failed, recording stopped: %s", exc)
+            self._capture = None
+            return
+        self.metrics.capture_bytes.inc(written)
+
+    async def cleanup(self) -> None:
+        """Undo this connection's share of the gauges, close capture and socket."""
+        self.metrics.buffered_bytes.dec(self._buffered_reported)
+        self.metrics.unacked.dec(self._in_flight_reported)
+        self._buffered_reported = self._in_flight_reported = 0
+        with trio.CancelScope(shield=True):
+            if self._capture is not None:
+                with trio.move_on_after(5):  # a stuck disk must not hold the task forever
+                    await self._capture.aclose()
+            await trio.aclose_forcefully(self.stream)
+
+
+# Pending-connection queue per listener; the kernel truncates it to net.core.somaxconn (trio's
+# open_tcp_listeners makes the same choice, see its _compute_backlog comment).
+LISTEN_BACKLOG = 0xFFFF
+
+
+async def open_shared_listeners(port: int, *, host: str) -> list[trio.SocketListener]:
+    """Listeners with SO_REUSEPORT, so that ``workers`` processes share one port.
+
+    Each worker process runs its own :class:`Server` on the same port and the kernel spreads
+    new connections between them (Linux 3.9+).  Takeover and retransmission dedup then work
+    within a worker only.
+    """
+    addresses = await trio.socket.getaddrinfo(
+        host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE
+    )
+    listeners = []
+    try:
+        for family, kind, proto, _, address in addresses:
+            sock = trio.socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+                if family == trio.socket.AF_INET6:
+                    sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
+                await sock.bind(address)
+                sock.listen(LISTEN_BACKLOG)
+            except OSError:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except OSError:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)

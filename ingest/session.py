@@ -1,0 +1,510 @@
+"""The pure per-connection session: decoded frames in, actions out.
+
+No I/O and no clock: every input carries ``now`` (monotonic seconds) and, where a record is
+made, ``wall`` (an aware datetime).  The server performs the returned actions in order and
+feeds the outcome of the asynchronous ones back:
+
+=====================  =======================================  ==============================
+action                 the server does                          and then calls
+=====================  =======================================  ==============================
+:class:`Send`          writes ``wire`` to the terminal          --
+:class:`Store`         ``sink.submit(records)``, awaits it      :meth:`Session.storage_done`
+:class:`Register`      ``registry.register(request)``           :meth:`Session.registration_done`
+:class:`Authenticate`  ``registry.authenticate(request)``       :meth:`Session.authentication_done`
+:class:`Claim`         takes the phone over in the directory    --
+:class:`Close`         stops reading, drains if asked, closes   --
+:class:`Log`           logs with the terminal's phone           --
+=====================  =======================================  ==============================
+
+States: ``NEW -> REGISTERED -> AUTHENTICATED -> CLOSED`` (registration is optional: a terminal
+that registered on an earlier connection authenticates straight away).  Rules, JT/T 808-2019:
+
+* Before authentication only 0x0100, 0x0102 and 0x0003 are accepted (clause 8.5-8.8); anything
+  else is answered 0x8001 result 1 and nothing is stored.  A refused message, refused
+  registration or failed authentication is a *failure*; ``max_failures`` of them close the
+  connection.
+* 0x0100 -> 0x8100 (table 9 result; an auth code on success); 0x0102 -> 0x8001 0 or 1;
+  0x0002 -> 0x8001 0; 0x0003 -> 0x8001 0 then close; 0x0200/0x0704 -> store, 0x8001 0.
+* A frame that does not decode but whose header could be read is answered 0x8001 result 2
+  (message error) with its serial; the connection goes on.  Ids we do not handle (and
+  sub-packages, until reassembly is wired) get 0x8001 result 3.  Terminal responses (0x0001)
+  are not answered.
+* The first frame binds the connection to its phone; frames for another phone are refused.
+* Replies use the edition and the phone string of the frame they answer.
+
+Acknowledgements: with ``ack="durable"`` a report's 0x8001 goes out only after
+:meth:`Session.storage_done` said its batch is durable, and acks leave in the order the reports
+arrived; a batch that is not durable is not acknowledged (the terminal retransmits).  With
+``ack="immediate"`` the 0x8001 goes out with the :class:`Store`.
+
+Retransmissions: a report whose (phone, id, serial, body hash) is in flight on this connection
+or already durable (a :class:`DedupCache` shared by all connections) is acknowledged again and
+not stored again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Literal
+
+from ingest.interfaces import (
+    AuthRequest,
+    PositionRecord,
+    RegistrationOutcome,
+    RegistrationRequest,
+)
+from protocol.codec import Packet, encode
+from protocol.errors import (
+    RESULT_FAILURE,
+    RESULT_NOT_SUPPORTED,
+    RESULT_SUCCESS,
+    RemoteProtocolError,
+)
+from protocol.header import Edition, Header
+from protocol.messages.base import Message
+from protocol.messages.location import Location, LocationBatch, LocationReport
+from protocol.messages.terminal import (
+    REGISTER_OK,
+    Heartbeat,
+    PlatformGeneralResponse,
+    TerminalAuth,
+    TerminalGeneralResponse,
+    TerminalLogout,
+    TerminalRegister,
+    TerminalRegisterResponse,
+)
+
+MSG_REGISTER = TerminalRegister.MSG_ID
+MSG_AUTH = TerminalAuth.MSG_ID
+MSG_LOGOUT = TerminalLogout.MSG_ID
+STORED_MSG_IDS = frozenset({LocationReport.MSG_ID, LocationBatch.MSG_ID})
+# Clause 8.5-8.8: a terminal registers (once), then authenticates on every connection.
+PRE_AUTH_MSG_IDS = frozenset({MSG_REGISTER, MSG_AUTH, MSG_LOGOUT})
+
+SERIAL_MODULUS = 0x10000  # serials are WORDs (table 3)
+
+
+class SessionState(enum.Enum):
+    NEW = "new"
+    REGISTERED = "registered"
+    AUTHENTICATED = "authenticated"
+    CLOSED = "closed"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SessionPolicy:
+    ack: Literal["durable", "immediate"] = "durable"
+    registration: Literal["open", "registry"] = "open"
+    max_failures: int = 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Actions
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Send:
+    """Write ``wire`` (the encoded ``message``).  ``acked_at`` is the monotonic receipt time
+    of the report this acknowledges, for the ack-latency histogram."""
+
+    message: Message
+    serial: int
+    wire: bytes
+    acked_at: float | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Store:
+    ticket: int
+    records: tuple[PositionRecord, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Register:
+    header: Header
+    edition: Edition
+    request: RegistrationRequest
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Authenticate:
+    header: Header
+    edition: Edition
+    request: AuthRequest
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Claim:
+    phone: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Close:
+    """Close the connection; with ``drain`` only after the acks in flight went out."""
+
+    reason: str
+    drain: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Log:
+    level: int
+    message: str
+    args: tuple[object, ...] = ()
+
+
+Action = Send | Store | Register | Authenticate | Claim | Close | Log
+
+
+# ---------------------------------------------------------------------------------------------
+# Retransmission dedup
+
+DedupKey = tuple[str, int, int, int]  # phone, message id, serial, hash of the decoded body
+
+
+class DedupCache:
+    """Keys of reports already durable, forgotten after ``window_s`` or when full.
+
+    Least recently seen keys go first.  ``max_entries`` bounds memory (see
+    ``ServerConfig.dedup_max_entries`` for the sizing); 0 disables dedup across connections.
+    """
+
+    def __init__(self, *, window_s: float, max_entries: int) -> None:
+        self.window_s = window_s
+        self.max_entries = max_entries
+        self._seen: OrderedDict[DedupKey, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.window_s
+        seen = self._seen
+        while seen:
+            key, at = next(iter(seen.items()))
+            if at >= horizon:
+                break
+            del seen[key]
+
+    def seen(self, key: DedupKey, now: float) -> bool:
+        self._expire(now)
+        if key not in self._seen:
+            return False
+        self._seen[key] = now
+        self._seen.move_to_end(key)
+        return True
+
+    def add(self, key: DedupKey, now: float) -> None:
+        if self.max_entries <= 0:
+            return
+        self._expire(now)
+        self._seen[key] = now
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.max_entries:
+            self._seen.popitem(last=False)
+
+
+def dedup_key(packet: Packet) -> DedupKey:
+    # Decoded messages are frozen dataclasses; equal bodies decode to equal messages.
+    return (packet.phone, packet.msg_id, packet.serial, hash(packet.message))
+
+
+# ---------------------------------------------------------------------------------------------
+# The session
+
+
+@dataclasses.dataclass(slots=True)
+class _Ticket:
+    key: DedupKey | None
+    durable: bool | None = None  # None while in flight
+
+
+_ALREADY_DURABLE = _Ticket(key=None, durable=True)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _PendingAck:
+    """A report waiting for its ack (durable mode), in arrival order."""
+
+    ticket: _Ticket
+    header: Header
+    edition: Edition
+    received_at: float
+
+
+class Session:
+    """One connection's protocol state.  See the module docstring for the contract."""
+
+    def __init__(
+        self,
+        *,
+        policy: SessionPolicy,
+        dedup: DedupCache,
+        new_auth_code: Callable[[], str],
+    ) -> None:
+        self.policy = policy
+        self.state = SessionState.NEW
+        self.phone: str | None = None
+        self.edition: Edition | None = None
+        self.failures = 0
+        self.refused = 0  # messages refused (result 1) for want of authentication or phone
+        self.retransmissions = 0  # reports acknowledged again without storing
+        self.last_seen: float | None = None
+        self._dedup = dedup
+        self._new_auth_code = new_auth_code
+        self._next_serial = 0
+        self._next_ticket = 0
+        self._in_flight: dict[int, _Ticket] = {}
+        self._in_flight_keys: dict[DedupKey, int] = {}
+        self._acks: deque[_PendingAck] = deque()  # bounded by the server's max_unacked
+
+    # -- properties
+
+    @property
+    def authenticated(self) -> bool:
+        return self.state is SessionState.AUTHENTICATED
+
+    @property
+    def closed(self) -> bool:
+        return self.state is SessionState.CLOSED
+
+    @property
+    def pending(self) -> int:
+        """Reports not yet settled: waiting acks (durable) or batches in flight (immediate).
+
+        The server stops reading while this is at its cap.
+        """
+        return len(self._acks) if self.policy.ack == "durable" else len(self._in_flight)
+
+    @property
+    def in_flight(self) -> int:
+        """Batches handed to storage and not yet settled."""
+        return len(self._in_flight)
+
+    # -- inputs
+
+    def receive(self, packet: Packet, *, now: float, wall: datetime) -> list[Action]:
+        """A decoded frame."""
+        if self.closed:
+            return []
+        self.last_seen = now
+        if self.phone is None:
+            self.phone = packet.phone
+        elif packet.phone != self.phone:
+            return self._refuse(
+                packet, "frame 0x%04x for another phone %s", packet.msg_id, packet.phone
+            )
+        self.edition = packet.edition
+        message = packet.message
+        msg_id = packet.msg_id
+        if isinstance(message, TerminalGeneralResponse):
+            return [Log(logging.DEBUG, "terminal response to 0x%04x", (message.reply_msg_id,))]
+        if not self.authenticated and msg_id not in PRE_AUTH_MSG_IDS:
+            return self._refuse(packet, "0x%04x before authentication", msg_id)
+        if isinstance(message, TerminalRegister):
+            return [self._register(packet, message, wall)]
+        if isinstance(message, TerminalAuth):
+            return [self._authenticate(packet, message, wall)]
+        if isinstance(message, Heartbeat):
+            return [self._reply(packet.header, packet.edition, RESULT_SUCCESS)]
+        if isinstance(message, TerminalLogout):
+            self.state = SessionState.CLOSED
+            return [
+                Log(logging.INFO, "logout"),
+                self._reply(packet.header, packet.edition, RESULT_SUCCESS),
+                Close(reason="logout", drain=True),
+            ]
+        if isinstance(message, LocationReport):
+            return self._store(packet, [(None, 0, message)], now, wall)
+        if isinstance(message, LocationBatch):
+            batch = [(message.batch_type, i, p) for i, p in enumerate(message.positions)]
+            return self._store(packet, batch, now, wall)
+        return [
+            Log(logging.INFO, "0x%04x not supported (%s)", (msg_id, type(message).__name__)),
+            self._reply(packet.header, packet.edition, RESULT_NOT_SUPPORTED),
+        ]
+
+    def protocol_error(self, error: RemoteProtocolError, *, now: float) -> list[Action]:
+        """A frame that did not decode.  Answered (result 2) when its header is known."""
+        if self.closed:
+            return []
+        header = error.header
+        log = Log(logging.WARNING, "bad frame (%s): %s", (error.kind, error.detail))
+        if header is None:
+            return [log]
+        self.last_seen = now
+        return [log, self._reply(header, header.layout, error.result_code)]
+
+    def registration_done(
+        self, action: Register, outcome: RegistrationOutcome, *, now: float
+    ) -> list[Action]:
+        """The registry's answer to a :class:`Register` action."""
+        ok = outcome.result == REGISTER_OK
+        response = TerminalRegisterResponse(
+            reply_serial=action.header.serial,
+            result=outcome.result,
+            auth_code=(outcome.auth_code or action.request.auth_code) if ok else None,
+        )
+        send = self._send(response, action.header, action.edition)
+        if self.closed:
+            return [send]
+        if ok:
+            self.state = SessionState.REGISTERED
+            return [Log(logging.INFO, "registered (%s)", (action.request.policy,)), send]
+        return [send, *self._failure("registration refused, result %s", outcome.result)]
+
+    def authentication_done(self, action: Authenticate, ok: bool, *, now: float) -> list[Action]:
+        """The registry's answer to an :class:`Authenticate` action."""
+        result = RESULT_SUCCESS if ok else RESULT_FAILURE
+        send = self._reply(action.header, action.edition, result)
+        if self.closed:
+            return [send]
+        if ok:
+            self.state = SessionState.AUTHENTICATED
+            phone = action.header.phone
+            return [
+                Claim(phone=phone),
+                Log(logging.INFO, "authenticated (edition %s)", (int(action.edition),)),
+                send,
+            ]
+        if self.state is SessionState.AUTHENTICATED:
+            self.state = SessionState.NEW
+        return [send, *self._failure("authentication failed")]
+
+    def storage_done(self, ticket: int, durable: bool, *, now: float) -> list[Action]:
+        """Storage settled the batch of a :class:`Store` action."""
+        entry = self._in_flight.pop(ticket)
+        entry.durable = durable
+        if entry.key is not None:
+            del self._in_flight_keys[entry.key]
+            if durable:
+                self._dedup.add(entry.key, now)
+        if self.policy.ack == "immediate":
+            if durable:
+                return []
+            return [Log(logging.ERROR, "acknowledged batch was not stored (ticket %s)", (ticket,))]
+        actions: list[Action] = []
+        if not durable:
+            actions.append(Log(logging.WARNING, "batch not durable; left unacknowledged"))
+        actions.extend(self._flush_acks())
+        return actions
+
+    # -- helpers
+
+    def _register(self, packet: Packet, message: TerminalRegister, wall: datetime) -> Register:
+        request = RegistrationRequest(
+            phone=packet.phone,
+            edition=packet.edition,
+            message=message,
+            auth_code=self._new_auth_code(),
+            policy=self.policy.registration,
+            at=wall,
+        )
+        return Register(header=packet.header, edition=packet.edition, request=request)
+
+    def _authenticate(self, packet: Packet, message: TerminalAuth, wall: datetime) -> Authenticate:
+        request = AuthRequest(
+            phone=packet.phone,
+            edition=packet.edition,
+            auth_code=message.auth_code,
+            imei=message.imei,
+            software_version=message.software_version,
+            at=wall,
+        )
+        return Authenticate(header=packet.header, edition=packet.edition, request=request)
+
+    def _store(
+        self,
+        packet: Packet,
+        positions: Sequence[tuple[int | None, int, Location]],
+        now: float,
+        wall: datetime,
+    ) -> list[Action]:
+        key = dedup_key(packet)
+        durable_mode = self.policy.ack == "durable"
+        ticket_id = self._in_flight_keys.get(key)
+        if ticket_id is not None or self._dedup.seen(key, now) or not positions:
+            why = "empty batch" if not positions else "retransmission"
+            if positions:
+                self.retransmissions += 1
+            log = Log(logging.DEBUG, "%s 0x%04x serial %s", (why, packet.msg_id, packet.serial))
+            if not durable_mode:
+                return [log, self._reply(packet.header, packet.edition, RESULT_SUCCESS, now)]
+            ticket = _ALREADY_DURABLE if ticket_id is None else self._in_flight[ticket_id]
+            self._acks.append(_PendingAck(ticket, packet.header, packet.edition, now))
+            return [log, *self._flush_acks()]
+        ticket_id = self._next_ticket
+        self._next_ticket += 1
+        ticket = _Ticket(key=key)
+        self._in_flight[ticket_id] = ticket
+        self._in_flight_keys[key] = ticket_id
+        records = tuple(
+            PositionRecord(
+                header=packet.header,
+                edition=packet.edition,
+                location=location,
+                batch_type=batch_type,
+                index=index,
+                received_at=wall,
+            )
+            for batch_type, index, location in positions
+        )
+        store = Store(ticket=ticket_id, records=records)
+        if not durable_mode:
+            return [store, self._reply(packet.header, packet.edition, RESULT_SUCCESS, now)]
+        self._acks.append(_PendingAck(ticket, packet.header, packet.edition, now))
+        return [store]
+
+    def _flush_acks(self) -> list[Action]:
+        out: list[Action] = []
+        acks = self._acks
+        while acks and acks[0].ticket.durable is not None:
+            entry = acks.popleft()
+            if entry.ticket.durable:
+                out.append(
+                    self._reply(entry.header, entry.edition, RESULT_SUCCESS, entry.received_at)
+                )
+        return out
+
+    def _refuse(self, packet: Packet, why: str, *args: object) -> list[Action]:
+        self.refused += 1
+        reply = self._reply(packet.header, packet.edition, RESULT_FAILURE)
+        return [reply, *self._failure(why, *args)]
+
+    def _failure(self, why: str, *args: object) -> list[Action]:
+        self.failures += 1
+        limit = self.policy.max_failures
+        actions: list[Action] = [
+            Log(logging.WARNING, why + " (failure %s of %s)", (*args, self.failures, limit))
+        ]
+        if self.failures >= self.policy.max_failures:
+            self.state = SessionState.CLOSED
+            actions.append(Close(reason="too many failures", drain=False))
+        return actions
+
+    def _reply(
+        self, header: Header, edition: Edition, result: int, acked_at: float | None = None
+    ) -> Send:
+        response = PlatformGeneralResponse(
+            reply_serial=header.serial, reply_msg_id=header.msg_id, result=result
+        )
+        return self._send(response, header, edition, acked_at)
+
+    def _send(
+        self, message: Message, header: Header, edition: Edition, acked_at: float | None = None
+    ) -> Send:
+        serial = self._next_serial
+        self._next_serial = (serial + 1) % SERIAL_MODULUS
+        wire = encode(
+            message,
+            phone=header.phone,
+            serial=serial,
+            edition=edition,
+            protocol_version=header.protocol_version or 1,
+        )
+        return Send(message=message, serial=serial, wire=wire, acked_at=acked_at)
