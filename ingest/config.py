@@ -106,6 +106,8 @@ class ServerConfig:
     # Capture stops for a connection once its file reaches this size.
     capture_max_bytes: int = 64 * 1024 * 1024
     spool_dir: Path | None = None
+    # Where the embedded PostgreSQL (no dsn configured) and the default spool keep their files.
+    data_dir: Path = Path("jt808-data")
 
     def __post_init__(self) -> None:
         problems = _validate(self)

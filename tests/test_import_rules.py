@@ -29,7 +29,7 @@ ALLOWED_PROJECT_IMPORTS = {
     "tools": {"protocol"},
 }
 # The application wiring may import everything.
-WIRING = {"tools/cli.py", "tools/serve_cmd.py"}
+WIRING = {"tools/cli.py", "tools/serve_cmd.py", "tools/db_cmd.py", "tools/export_cmd.py"}
 
 SOCKET_MODULES = {"socket", "socketserver", "asyncio", "selectors", "ssl"}
 CLOCK_MODULES = {"time"}

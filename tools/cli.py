@@ -15,7 +15,10 @@ from collections.abc import Callable, Sequence
 
 # sub-command -> (module, help).  Each module has ``add_arguments(parser)`` and ``run(args)``.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("tools.serve_cmd", "run the JT/T 808 server"),
     "decode": ("tools.decode_cmd", "decode JT/T 808 frames to JSON lines"),
+    "db": ("tools.db_cmd", "database administration: migrate"),
+    "export": ("tools.export_cmd", "export stored positions as CSV"),
 }
 
 EXIT_USAGE = 2

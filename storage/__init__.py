@@ -1,0 +1,93 @@
+"""PostgreSQL storage of the JT/T 808 platform (the only package that imports psycopg).
+
+Interface for the server
+========================
+
+Build rows purely, submit them, acknowledge when durable::
+
+    from storage import PositionWriter, WriterConfig, Spool, position_rows
+
+    writer = PositionWriter(dsn, config=WriterConfig(), spool=Spool(spool_dir))
+    await nursery.start(writer.run)
+    ...
+    # in a connection task, for a decoded 0x0200 (one location) or 0x0704 (many):
+    rows = position_rows(header, [report], received_at)            # pure, no I/O
+    rows = position_rows(header, batch.positions, received_at, batch_type=batch.batch_type)
+    completion = await writer.submit(rows)   # waits only when the writer is at its cap
+    if (await completion.wait()).durable:    # Durability.DATABASE or Durability.SPOOL
+        ...send the 0x8001 acknowledgement...
+    # Durability.FAILED: do not acknowledge; the terminal retransmits later.
+
+* :func:`position_row` / :func:`position_rows` -> :class:`PositionRow`: pure builders from the
+  frame :class:`~protocol.header.Header`, a :class:`~protocol.messages.location.Location`, the
+  aware ``received_at`` and the 0x0704 ``batch_type`` (None otherwise).
+* :class:`PositionWriter` -- trio service (``async def run(*, task_status)``); batches by size
+  or age (:class:`WriterConfig`), binary COPY from worker threads under a CapacityLimiter,
+  exactly-once on the natural key ``(phone, device_time, fix_key)``, spools to :class:`Spool`
+  when the database is down or slow, replays the spool when it is back.  ``submit`` applies
+  back-pressure at ``WriterConfig.pending_cap`` rows; ``drain()`` flushes and waits.
+  Cancelling ``run`` flushes the open batch in a shielded scope before returning.
+* :class:`Completion` -> :class:`Durability` (``DATABASE``, ``SPOOL``, ``FAILED``).
+
+Database administration
+=======================
+
+* :func:`migrate` (sync psycopg connection) -- versioned migrations, idempotent; picks the
+  TimescaleDB or the partitioned backend once.  :func:`ensure_partitions` creates daily
+  partitions ahead (the writer also does it hourly); :func:`drop_partitions_before` is the
+  retention of the partitioned backend.
+* :func:`refresh_daily_stats`, :func:`positions_per_unit`, :func:`export_positions_csv`
+  (``jt808 export``) in :mod:`storage.reports`; views ``vehicle_latest_position``,
+  ``vehicle_daily_stats``, ``unit_category_daily``.
+* :func:`database_dsn` / :func:`embedded_postgres` -- a private PostgreSQL when no DSN is
+  configured (optional extra ``embedded``).
+
+Metrics are in :mod:`storage.metrics` (prometheus_client, default registry).
+"""
+
+from __future__ import annotations
+
+from storage.embedded import database_dsn, embedded_postgres
+from storage.errors import StorageError, WriterClosedError
+from storage.reports import export_positions_csv, positions_per_unit, refresh_daily_stats
+from storage.rows import COLUMNS, PositionRow, encode_copy_binary, position_row, position_rows
+from storage.schema import (
+    MIGRATIONS,
+    TimescaleOptions,
+    current_backend,
+    drop_partitions_before,
+    ensure_partitions,
+    migrate,
+)
+from storage.spool import Spool
+from storage.terminals import Registration, TerminalRecord, TerminalStore
+from storage.writer import Completion, Durability, PositionWriter, WriterConfig
+
+__all__ = [
+    "COLUMNS",
+    "MIGRATIONS",
+    "Completion",
+    "Durability",
+    "PositionRow",
+    "PositionWriter",
+    "Registration",
+    "Spool",
+    "StorageError",
+    "TerminalRecord",
+    "TerminalStore",
+    "TimescaleOptions",
+    "WriterClosedError",
+    "WriterConfig",
+    "current_backend",
+    "database_dsn",
+    "drop_partitions_before",
+    "embedded_postgres",
+    "encode_copy_binary",
+    "ensure_partitions",
+    "export_positions_csv",
+    "migrate",
+    "position_row",
+    "position_rows",
+    "positions_per_unit",
+    "refresh_daily_stats",
+]

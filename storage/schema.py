@@ -1,0 +1,661 @@
+"""Versioned schema migrations, the positions storage backend and its partitions.
+
+Migrations are numbered SQL scripts (``MIGRATIONS``) applied in order by :func:`migrate`, each in
+its own transaction together with its row in ``jt808_schema_migrations``, under an advisory lock
+so two processes starting at once do not race.  Re-running is a no-op.  New migrations are
+appended with the next number; an applied migration is never edited.
+
+Every object is created unqualified, in the first schema of the connection's ``search_path``
+(tests use a scratch schema each).
+
+Two backends store ``positions``, chosen once by the first :func:`migrate` and remembered in
+``jt808_settings``:
+
+* ``timescaledb`` when the extension is available (``pg_available_extensions``) and loads: a
+  hypertable with a configurable chunk interval, compression segmented by terminal, a retention
+  policy, and the daily aggregate as continuous aggregates.  This branch cannot run here; its
+  SQL comes from the small generators :func:`timescale_positions_sql` and
+  :func:`timescale_aggregate_sql`, which the tests check.
+* ``partitioned`` otherwise: native range partitions, one per China-time day of
+  ``device_time``, created ahead by :func:`ensure_partitions`, plus a DEFAULT partition so no
+  row is ever rejected; a BRIN index on time; the daily aggregate as a materialized view.
+
+In both, the unique index ``positions_natural_key (phone, device_time, fix_key)`` is the dedup
+key (see :func:`storage.rows.fix_key`); it includes ``device_time`` because a unique index on a
+partitioned table (or hypertable) must include the partition key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Callable
+from datetime import UTC, date, datetime, time, timedelta, timezone
+from typing import Any, Literal
+
+import psycopg
+from psycopg import sql
+from psycopg.pq import TransactionStatus
+
+from storage.errors import StorageError
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["partitioned", "timescaledb"]
+BackendChoice = Literal["auto", "partitioned", "timescaledb"]
+
+# Day boundaries of partitions and daily reports: China Standard Time, the GMT+8 the standard's
+# times are in (JT/T 808-2019 4.2, table 1).  China has had no daylight saving since 1991, so a
+# fixed offset and the 'Asia/Shanghai' zone PostgreSQL uses agree.
+CHINA = timezone(timedelta(hours=8), "CST")
+REPORT_TZ = "Asia/Shanghai"
+
+# Driving time counts the minutes with at least one fix at or above this speed: GNSS jitter
+# gives a parked vehicle speeds of 1-3 km/h, walking pace is about 5.
+MOVING_KMH = 5
+
+# Partitions made ahead of today by default: a week covers a long holiday with the platform
+# left alone; each empty partition costs a few catalog rows.
+DEFAULT_DAYS_AHEAD = 7
+
+_LOCK_CLASS = 808_2019  # advisory lock namespace for migrations (any constant of our own)
+_PARTITION_RE = re.compile(r"^positions_p(\d{8})$")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class TimescaleOptions:
+    """TimescaleDB settings.
+
+    ``chunk_interval``: one day keeps a day's chunk and its indexes in memory at 100k
+    positions/s.  ``compress_after``: chunks older than a week are no longer back-filled by
+    terminals in practice.  ``retain_for``: a year, so annual mileage can be recomputed from
+    raw positions; None keeps everything.
+    """
+
+    chunk_interval: timedelta = timedelta(days=1)
+    compress_after: timedelta = timedelta(days=7)
+    retain_for: timedelta | None = timedelta(days=366)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SchemaContext:
+    backend: Backend
+    timescale: TimescaleOptions = TimescaleOptions()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str | Callable[[SchemaContext], str]
+
+    def render(self, ctx: SchemaContext) -> str:
+        return self.sql if isinstance(self.sql, str) else self.sql(ctx)
+
+
+def _interval(value: timedelta) -> str:
+    seconds = int(value.total_seconds())
+    if seconds <= 0 or value != timedelta(seconds=seconds):
+        raise ValueError(f"interval must be a positive whole number of seconds, got {value}")
+    return f"INTERVAL '{seconds} seconds'"
+
+
+# ---------------------------------------------------------------------------------------------
+# Migration 1: terminals, vehicles, sessions, multimedia
+
+_CORE = """
+CREATE TABLE terminals (
+    phone text COLLATE "C" PRIMARY KEY,          -- header phone number, BCD digits as sent
+    auth_code text,
+    imei text,
+    firmware text,
+    provisioning_state text NOT NULL DEFAULT 'unprovisioned'
+        CHECK (provisioning_state IN ('provisioned', 'unprovisioned')),
+    registered_at timestamptz,
+    -- as sent in 0x0100 registration (8.5, table 8)
+    province_id integer,
+    city_id integer,
+    manufacturer text,
+    model text,
+    terminal_id text,
+    plate_color smallint,
+    plate text,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE vehicles (
+    id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    plate text NOT NULL UNIQUE,
+    phone text COLLATE "C" UNIQUE,               -- the terminal fitted, at most one
+    unit text NOT NULL,                          -- owning unit
+    category text NOT NULL CHECK (category IN ('retained', 'platform', 'rental')),
+    exempt boolean NOT NULL DEFAULT false,       -- special vehicles exempt from the rules
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX vehicles_unit ON vehicles (unit, category);
+
+CREATE TABLE sessions (
+    phone text COLLATE "C" PRIMARY KEY,
+    node text NOT NULL,                          -- the server process holding the connection
+    connected_since timestamptz NOT NULL,
+    peer text
+);
+CREATE INDEX sessions_node ON sessions (node);
+
+CREATE TABLE multimedia (
+    id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    phone text COLLATE "C" NOT NULL,
+    media_id bigint NOT NULL,                    -- DWORD from 0x0800/0x0801 (8.53, 8.54)
+    media_type smallint NOT NULL,                -- 0 image, 1 audio, 2 video
+    media_format smallint NOT NULL,              -- 0 JPEG, 1 TIF, 2 MP3, 3 WAV, 4 WMV
+    event smallint NOT NULL,
+    channel smallint NOT NULL,
+    path text NOT NULL,
+    size_bytes bigint NOT NULL,
+    received_at timestamptz NOT NULL,
+    vehicle_id bigint,
+    -- the location basic information sent with 0x0801 (table 23)
+    device_time timestamptz,
+    alarm bigint,
+    status bigint,
+    lat double precision,
+    lon double precision,
+    altitude_m integer,
+    speed_kmh double precision,
+    direction integer
+);
+CREATE INDEX multimedia_phone ON multimedia (phone, media_id);
+CREATE INDEX multimedia_received_at ON multimedia (received_at);
+"""
+
+# ---------------------------------------------------------------------------------------------
+# Migration 2: positions
+
+POSITIONS_COLUMNS_SQL = """
+    device_time timestamptz NOT NULL,
+    phone text COLLATE "C" NOT NULL,
+    fix_key bigint NOT NULL,
+    received_at timestamptz NOT NULL,
+    msg_id integer NOT NULL,
+    serial integer NOT NULL,
+    batch_type smallint,
+    alarm bigint NOT NULL,
+    status bigint NOT NULL,
+    lat double precision NOT NULL,
+    lon double precision NOT NULL,
+    altitude_m integer NOT NULL,
+    speed_kmh double precision NOT NULL,
+    direction integer NOT NULL,
+    mileage_km double precision,
+    fuel_l double precision,
+    recorder_speed_kmh double precision,
+    signal_strength smallint,
+    gnss_satellites smallint,
+    io_status integer,
+    analog bigint,
+    extended_signal bigint,
+    extras jsonb,
+    vehicle_id bigint
+"""
+
+_NATURAL_KEY_SQL = (
+    "CREATE UNIQUE INDEX positions_natural_key ON positions (phone, device_time, fix_key);"
+)
+
+
+def partitioned_positions_sql() -> str:
+    """``positions`` as a range-partitioned table with a DEFAULT partition and BRIN on time.
+
+    No index on ``vehicle_id``: every index costs ingest throughput, and per-vehicle queries
+    go through the terminal (``phone``, the natural key's leading column).
+    """
+    return f"""
+CREATE TABLE positions ({POSITIONS_COLUMNS_SQL}) PARTITION BY RANGE (device_time);
+CREATE TABLE positions_default PARTITION OF positions DEFAULT;
+{_NATURAL_KEY_SQL}
+-- 32 pages a range: rows arrive nearly in time order, so each range spans a few seconds.
+CREATE INDEX positions_device_time_brin ON positions USING brin (device_time)
+    WITH (pages_per_range = 32);
+"""
+
+
+def timescale_positions_sql(options: TimescaleOptions) -> list[str]:
+    """The statements that make ``positions`` a compressed hypertable with retention."""
+    statements = [
+        f"CREATE TABLE positions ({POSITIONS_COLUMNS_SQL})",
+        (
+            "SELECT create_hypertable('positions', 'device_time', chunk_time_interval => "
+            f"{_interval(options.chunk_interval)}, if_not_exists => TRUE)"
+        ),
+        _NATURAL_KEY_SQL.rstrip(";"),
+        (
+            "ALTER TABLE positions SET (timescaledb.compress, "
+            "timescaledb.compress_segmentby = 'phone', "
+            "timescaledb.compress_orderby = 'device_time DESC, fix_key')"
+        ),
+        (
+            "SELECT add_compression_policy('positions', compress_after => "
+            f"{_interval(options.compress_after)}, if_not_exists => TRUE)"
+        ),
+    ]
+    if options.retain_for is not None:
+        statements.append(
+            "SELECT add_retention_policy('positions', drop_after => "
+            f"{_interval(options.retain_for)}, if_not_exists => TRUE)"
+        )
+    return statements
+
+
+def _positions(ctx: SchemaContext) -> str:
+    if ctx.backend == "timescaledb":
+        return ";\n".join(timescale_positions_sql(ctx.timescale)) + ";"
+    return partitioned_positions_sql()
+
+
+# ---------------------------------------------------------------------------------------------
+# Migration 3: daily aggregate and reporting views
+#
+# The daily aggregate per vehicle and China-time day has the same columns in both backends:
+# vehicle_id, day_start (timestamptz), positions, distance_km (odometer item 0x01, max - min;
+# NULL without it), driving_time_s (60 s for each minute with a fix at >= MOVING_KMH).  Minutes
+# rather than gaps between fixes because a continuous aggregate cannot look at the previous row,
+# and because a terminal that goes quiet must not accrue driving time.
+
+
+def partitioned_aggregate_sql() -> str:
+    return f"""
+CREATE MATERIALIZED VIEW daily_vehicle_stats_mv AS
+SELECT vehicle_id,
+       date_trunc('day', device_time AT TIME ZONE '{REPORT_TZ}')
+           AT TIME ZONE '{REPORT_TZ}' AS day_start,
+       count(*) AS positions,
+       max(mileage_km) - min(mileage_km) AS distance_km,
+       (60 * count(DISTINCT date_trunc('minute', device_time AT TIME ZONE '{REPORT_TZ}'))
+           FILTER (WHERE speed_kmh >= {MOVING_KMH}))::bigint AS driving_time_s
+FROM positions
+WHERE vehicle_id IS NOT NULL
+GROUP BY 1, 2;
+-- REFRESH ... CONCURRENTLY needs a unique index
+CREATE UNIQUE INDEX daily_vehicle_stats_mv_key ON daily_vehicle_stats_mv (vehicle_id, day_start);
+"""  # noqa: S608 - constants only
+
+
+def timescale_aggregate_sql() -> list[str]:
+    """Continuous aggregates: per-minute, then daily on top of it (hierarchical, TS >= 2.9)."""
+    minute = (
+        "CREATE MATERIALIZED VIEW positions_minute_mv WITH (timescaledb.continuous) AS "  # noqa: S608
+        "SELECT vehicle_id, time_bucket(INTERVAL '1 minute', device_time) AS minute, "
+        "count(*) AS positions, "
+        f"max(CASE WHEN speed_kmh >= {MOVING_KMH} THEN 1 ELSE 0 END) AS moving, "
+        "min(mileage_km) AS min_mileage_km, max(mileage_km) AS max_mileage_km "
+        "FROM positions WHERE vehicle_id IS NOT NULL "
+        "GROUP BY vehicle_id, minute WITH NO DATA"
+    )
+    daily = (
+        "CREATE MATERIALIZED VIEW daily_vehicle_stats_mv WITH (timescaledb.continuous) AS "  # noqa: S608
+        f"SELECT vehicle_id, time_bucket(INTERVAL '1 day', minute, '{REPORT_TZ}') AS day_start, "
+        "sum(positions)::bigint AS positions, "
+        "max(max_mileage_km) - min(min_mileage_km) AS distance_km, "
+        "(60 * sum(moving))::bigint AS driving_time_s "
+        "FROM positions_minute_mv GROUP BY vehicle_id, day_start WITH NO DATA"
+    )
+    return [
+        minute,
+        daily,
+        (
+            "SELECT add_continuous_aggregate_policy('positions_minute_mv', "
+            "start_offset => INTERVAL '3 days', end_offset => INTERVAL '1 minute', "
+            "schedule_interval => INTERVAL '5 minutes')"
+        ),
+        (
+            "SELECT add_continuous_aggregate_policy('daily_vehicle_stats_mv', "
+            "start_offset => INTERVAL '3 days', end_offset => INTERVAL '1 hour', "
+            "schedule_interval => INTERVAL '1 hour')"
+        ),
+    ]
+
+
+_REPORT_VIEWS = f"""
+CREATE VIEW vehicle_daily_stats AS
+SELECT v.id AS vehicle_id, v.plate, v.unit, v.category, v.exempt,
+       (s.day_start AT TIME ZONE '{REPORT_TZ}')::date AS day,
+       s.positions, s.distance_km, s.driving_time_s
+FROM daily_vehicle_stats_mv s
+JOIN vehicles v ON v.id = s.vehicle_id;
+
+CREATE VIEW unit_category_daily AS
+SELECT unit, category, day,
+       count(*) AS vehicles,
+       sum(positions)::bigint AS positions,
+       sum(distance_km) AS distance_km,
+       sum(driving_time_s)::bigint AS driving_time_s
+FROM vehicle_daily_stats
+GROUP BY unit, category, day;
+
+-- One index probe per vehicle through positions_natural_key (phone leads it).
+CREATE VIEW vehicle_latest_position AS
+SELECT v.id AS vehicle_id, v.plate, v.unit, v.category, v.phone,
+       p.device_time, p.received_at, p.lat, p.lon, p.altitude_m, p.speed_kmh, p.direction,
+       p.alarm, p.status, p.mileage_km
+FROM vehicles v
+CROSS JOIN LATERAL (
+    SELECT * FROM positions p
+    WHERE p.phone = v.phone
+    ORDER BY p.device_time DESC
+    LIMIT 1
+) p;
+"""  # noqa: S608 - constants only
+
+
+def _aggregates(ctx: SchemaContext) -> str:
+    if ctx.backend == "timescaledb":
+        body = ";\n".join(timescale_aggregate_sql()) + ";"
+    else:
+        body = partitioned_aggregate_sql()
+    return body + _REPORT_VIEWS
+
+
+# ---------------------------------------------------------------------------------------------
+# Migration 4: the rule engine's tables (it refines them with migrations of its own)
+
+_RULES = """
+CREATE TABLE fences (
+    id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    name text NOT NULL,
+    kind text NOT NULL CHECK (kind IN ('circle', 'rectangle', 'polygon', 'route')),
+    geometry jsonb NOT NULL,                     -- GeoJSON, WGS-84 degrees
+    properties jsonb NOT NULL DEFAULT '{}',      -- radius_m, speed limits, schedule, ...
+    unit text,                                   -- NULL: applies to every unit
+    active boolean NOT NULL DEFAULT true,
+    valid_from timestamptz,
+    valid_to timestamptz,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE filings (
+    id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    vehicle_id bigint NOT NULL REFERENCES vehicles (id),
+    purpose text NOT NULL,
+    destination text,
+    fence_id bigint REFERENCES fences (id),
+    starts_at timestamptz NOT NULL,
+    ends_at timestamptz NOT NULL,
+    state text NOT NULL DEFAULT 'pending'
+        CHECK (state IN ('pending', 'approved', 'rejected', 'cancelled')),
+    approved_by text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    CHECK (ends_at > starts_at)
+);
+CREATE INDEX filings_vehicle ON filings (vehicle_id, starts_at);
+
+CREATE TABLE alerts (
+    id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    vehicle_id bigint REFERENCES vehicles (id),
+    phone text COLLATE "C",
+    kind text NOT NULL,
+    severity smallint NOT NULL DEFAULT 1,
+    state text NOT NULL DEFAULT 'open' CHECK (state IN ('open', 'acknowledged', 'closed')),
+    opened_at timestamptz NOT NULL,
+    closed_at timestamptz,
+    position_time timestamptz,
+    lat double precision,
+    lon double precision,
+    fence_id bigint REFERENCES fences (id),
+    filing_id bigint REFERENCES filings (id),
+    details jsonb NOT NULL DEFAULT '{}',
+    acknowledged_by text,
+    acknowledged_at timestamptz
+);
+CREATE INDEX alerts_state ON alerts (state, opened_at);
+CREATE INDEX alerts_vehicle ON alerts (vehicle_id, opened_at);
+
+CREATE TABLE trips (
+    id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    vehicle_id bigint NOT NULL REFERENCES vehicles (id),
+    phone text COLLATE "C",
+    started_at timestamptz NOT NULL,
+    ended_at timestamptz,
+    start_lat double precision,
+    start_lon double precision,
+    end_lat double precision,
+    end_lon double precision,
+    distance_km double precision,
+    driving_time_s bigint,
+    filing_id bigint REFERENCES filings (id),
+    details jsonb NOT NULL DEFAULT '{}'
+);
+CREATE INDEX trips_vehicle ON trips (vehicle_id, started_at);
+"""
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "terminals, vehicles, sessions, multimedia", _CORE),
+    Migration(2, "positions", _positions),
+    Migration(3, "daily aggregate and reporting views", _aggregates),
+    Migration(4, "rule engine tables", _RULES),
+)
+
+_BOOTSTRAP = """
+CREATE TABLE IF NOT EXISTS jt808_schema_migrations (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS jt808_settings (
+    key text PRIMARY KEY,
+    value text NOT NULL
+);
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying
+
+
+def timescale_available(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"
+    ).fetchone()
+    return row is not None
+
+
+def current_backend(conn: psycopg.Connection[Any]) -> Backend | None:
+    """The backend recorded by :func:`migrate`, or None before the first migration."""
+    if conn.execute("SELECT to_regclass('jt808_settings')").fetchone() == (None,):
+        return None
+    row = conn.execute("SELECT value FROM jt808_settings WHERE key = 'backend'").fetchone()
+    if row is None:
+        return None
+    value = row[0]
+    if value not in ("partitioned", "timescaledb"):
+        raise StorageError(f"unknown storage backend {value!r} in jt808_settings")
+    return value  # type: ignore[no-any-return]
+
+
+def _choose_backend(conn: psycopg.Connection[Any], choice: BackendChoice) -> Backend:
+    recorded = current_backend(conn)
+    if recorded is not None:
+        if choice not in ("auto", recorded):
+            raise StorageError(f"schema was created for {recorded}, cannot switch to {choice}")
+        return recorded
+    backend: Backend = "partitioned"
+    if choice == "timescaledb" or (choice == "auto" and timescale_available(conn)):
+        try:
+            with conn.transaction():
+                conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            backend = "timescaledb"
+        except psycopg.Error as exc:
+            if choice == "timescaledb":
+                raise StorageError(f"timescaledb requested but cannot be loaded: {exc}") from exc
+            logger.warning("timescaledb is available but does not load (%s); using partitions", exc)
+    with conn.transaction():
+        conn.execute("INSERT INTO jt808_settings (key, value) VALUES ('backend', %s)", (backend,))
+    logger.info("positions storage backend: %s", backend)
+    return backend
+
+
+def migrate(
+    conn: psycopg.Connection[Any],
+    *,
+    backend: BackendChoice = "auto",
+    timescale: TimescaleOptions | None = None,
+    now: datetime | None = None,
+    days_ahead: int = DEFAULT_DAYS_AHEAD,
+) -> list[int]:
+    """Apply the migrations not yet applied; return their versions (empty when up to date).
+
+    ``conn`` must be idle (not inside a transaction); it is used in autocommit mode and left
+    as it was.  With the partitioned backend, partitions for ``now`` (default: the current
+    time) and ``days_ahead`` days after are ensured as well.
+    """
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        raise StorageError("migrate() needs a connection that is not inside a transaction")
+    autocommit = conn.autocommit
+    conn.autocommit = True
+    applied_now: list[int] = []
+    try:
+        lock = (_LOCK_CLASS,)
+        conn.execute("SELECT pg_advisory_lock(%s, hashtext(coalesce(current_schema(), '')))", lock)
+        try:
+            conn.execute(_BOOTSTRAP)
+            recorded = current_backend(conn)
+            if recorded is not None and backend not in ("auto", recorded):
+                raise StorageError(f"schema was created for {recorded}, cannot switch to {backend}")
+            applied = {v for (v,) in conn.execute("SELECT version FROM jt808_schema_migrations")}
+            ctx: SchemaContext | None = None
+            for migration in MIGRATIONS:
+                if migration.version in applied:
+                    continue
+                if ctx is None:
+                    ctx = SchemaContext(
+                        backend=_choose_backend(conn, backend),
+                        timescale=timescale or TimescaleOptions(),
+                    )
+                with conn.transaction():
+                    conn.execute(migration.render(ctx))
+                    conn.execute(
+                        "INSERT INTO jt808_schema_migrations (version, name) VALUES (%s, %s)",
+                        (migration.version, migration.name),
+                    )
+                logger.info("applied migration %d: %s", migration.version, migration.name)
+                applied_now.append(migration.version)
+        finally:
+            conn.execute(
+                "SELECT pg_advisory_unlock(%s, hashtext(coalesce(current_schema(), '')))", lock
+            )
+        ensure_partitions(conn, now or datetime.now(UTC), days_ahead=days_ahead)
+    finally:
+        conn.autocommit = autocommit
+    return applied_now
+
+
+# ---------------------------------------------------------------------------------------------
+# Partitions (partitioned backend)
+
+
+def partition_name(day: date) -> str:
+    return f"positions_p{day:%Y%m%d}"
+
+
+def partition_bounds(day: date) -> tuple[datetime, datetime]:
+    """[start, end) of the partition holding China-time ``day``."""
+    start = datetime.combine(day, time(), CHINA)
+    return start, start + timedelta(days=1)
+
+
+def existing_partitions(conn: psycopg.Connection[Any]) -> set[str]:
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = 'positions'::regclass"
+    ).fetchall()
+    return {name for (name,) in rows}
+
+
+def ensure_partitions(
+    conn: psycopg.Connection[Any],
+    now: datetime,
+    *,
+    days_ahead: int = DEFAULT_DAYS_AHEAD,
+    days_behind: int = 1,
+) -> list[str]:
+    """Create the daily partitions from ``days_behind`` before ``now`` to ``days_ahead`` after.
+
+    Returns the names created.  Rows that had landed in the DEFAULT partition for a day being
+    created are moved into it in the same transaction (PostgreSQL would refuse to create the
+    partition otherwise).  A no-op with TimescaleDB, which makes its chunks itself.  Device
+    times outside the window (a terminal's clock years off, old back-fill) stay in the
+    DEFAULT partition.
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    if current_backend(conn) != "partitioned":
+        return []
+    today = now.astimezone(CHINA).date()
+    existing = existing_partitions(conn)
+    created: list[str] = []
+    for offset in range(-days_behind, days_ahead + 1):
+        day = today + timedelta(days=offset)
+        name = partition_name(day)
+        if name in existing:
+            continue
+        start, end = partition_bounds(day)
+        bounds = sql.SQL("FROM ({}) TO ({})").format(sql.Literal(start), sql.Literal(end))
+        ident = sql.Identifier(name)
+        with conn.transaction():
+            # Writers take ROW EXCLUSIVE on the parent first, so locking the parent (not
+            # DEFAULT, which would invert the writers' lock order) keeps rows of this day
+            # from landing in DEFAULT between the count and the create.
+            conn.execute("LOCK TABLE ONLY positions IN SHARE ROW EXCLUSIVE MODE")
+            stray = conn.execute(
+                "SELECT count(*) FROM positions_default "
+                "WHERE device_time >= %s AND device_time < %s",
+                (start, end),
+            ).fetchone()
+            if stray is not None and stray[0]:
+                conn.execute(
+                    sql.SQL("CREATE TABLE {} (LIKE positions INCLUDING DEFAULTS)").format(ident)
+                )
+                conn.execute(
+                    sql.SQL(
+                        "WITH moved AS (DELETE FROM positions_default "
+                        "WHERE device_time >= %s AND device_time < %s RETURNING *) "
+                        "INSERT INTO {} SELECT * FROM moved"
+                    ).format(ident),
+                    (start, end),
+                )
+                conn.execute(
+                    sql.SQL("ALTER TABLE positions ATTACH PARTITION {} FOR VALUES {}").format(
+                        ident, bounds
+                    )
+                )
+                logger.info("partition %s created with %d rows from DEFAULT", name, stray[0])
+            else:
+                conn.execute(
+                    sql.SQL("CREATE TABLE {} PARTITION OF positions FOR VALUES {}").format(
+                        ident, bounds
+                    )
+                )
+        created.append(name)
+    if created:
+        logger.info("created partitions %s", ", ".join(created))
+    return created
+
+
+def drop_partitions_before(conn: psycopg.Connection[Any], cutoff: date) -> list[str]:
+    """Drop the daily partitions of days before ``cutoff`` (retention without TimescaleDB)."""
+    if current_backend(conn) != "partitioned":
+        return []
+    dropped: list[str] = []
+    for name in sorted(existing_partitions(conn)):
+        match = _PARTITION_RE.match(name)
+        if match is None:
+            continue
+        day = datetime.strptime(match.group(1), "%Y%m%d").replace(tzinfo=CHINA).date()
+        if day < cutoff:
+            with conn.transaction():
+                conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+            dropped.append(name)
+    if dropped:
+        logger.info("dropped partitions %s", ", ".join(dropped))
+    return dropped

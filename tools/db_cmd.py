@@ -1,0 +1,51 @@
+"""``jt808 db migrate``: apply the storage migrations (idempotent; the server also does it)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["migrate"], help="migrate: create or update the schema")
+    add_database_arguments(parser)
+
+
+def add_database_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--dsn`` (or ``JT808_DSN``) and ``--data-dir`` for the embedded default."""
+    parser.add_argument("--dsn", help="PostgreSQL connection string (default: $JT808_DSN)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="embedded database location when no DSN is given (default ./jt808-data)",
+    )
+
+
+def resolve(args: argparse.Namespace) -> tuple[str | None, Path]:
+    dsn = args.dsn or os.environ.get("JT808_DSN") or None
+    data_dir = args.data_dir or Path(os.environ.get("JT808_DATA_DIR") or "jt808-data")
+    return dsn, data_dir
+
+
+def run(args: argparse.Namespace) -> int:
+    import psycopg  # noqa: PLC0415
+
+    from storage import StorageError, current_backend, database_dsn, migrate  # noqa: PLC0415
+
+    configured, data_dir = resolve(args)
+    try:
+        with (
+            database_dsn(configured, data_dir / "pgdata") as dsn,
+            psycopg.connect(dsn, autocommit=True) as conn,
+        ):
+            migrate(conn)
+            logger.info("schema is current (backend: %s)", current_backend(conn))
+    except (StorageError, psycopg.Error) as exc:
+        logger.error("%s", exc)  # noqa: TRY400 - reported, not a crash
+        return 1
+    return 0

@@ -1,0 +1,226 @@
+"""``jt808 serve``: the application wiring.
+
+This is where the packages meet: ``ingest`` serves terminals, ``storage`` keeps what they send.
+The server never imports storage; the small adapters below give it the storage services in the
+shape of ``ingest.interfaces``.  Order of shutdown on SIGTERM/SIGINT (house style item 8): stop
+accepting and let connections finish their in-flight acknowledgements (``Server.shutdown``),
+drain the position writer, then stop the operator port and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the heavy imports happen only when the command runs
+    import trio
+
+    from ingest import (
+        PositionRecord,
+        RegistrationOutcome,
+        RegistrationRequest,
+        Server,
+        ServerConfig,
+    )
+    from ingest.interfaces import AuthRequest, TerminalInfo
+    from storage import PositionWriter, TerminalStore
+    from storage import writer as storage_writer
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ingest import add_arguments as add_server_arguments  # noqa: PLC0415
+
+    add_server_arguments(parser)
+    parser.add_argument(
+        "--data-dir",
+        dest="data_dir",
+        type=Path,
+        metavar="DIR",
+        help="where the embedded database and the spool live (default ./jt808-data)",
+    )
+
+
+class WriterCompletion:
+    """Adapts a storage completion to ``ingest.Completion``: durable in the database or spool."""
+
+    __slots__ = ("_completion",)
+
+    def __init__(self, completion: storage_writer.Completion) -> None:
+        self._completion = completion
+
+    async def wait(self) -> bool:
+        return (await self._completion.wait()).durable
+
+
+class WriterSink:
+    """``ingest.PositionSink`` over the storage writer."""
+
+    def __init__(self, writer: PositionWriter) -> None:
+        self._writer = writer
+
+    async def submit(self, records: Sequence[PositionRecord]) -> WriterCompletion:
+        from storage import position_rows  # noqa: PLC0415
+
+        first = records[0]
+        rows = position_rows(
+            first.header,
+            [record.location for record in records],
+            first.received_at,
+            batch_type=first.batch_type,
+        )
+        return WriterCompletion(await self._writer.submit(rows))
+
+
+class DatabaseRegistry:
+    """``ingest.TerminalRegistry`` over the ``terminals`` table: auth codes survive restarts."""
+
+    def __init__(self, store: TerminalStore) -> None:
+        self._store = store
+
+    async def register(self, request: RegistrationRequest) -> RegistrationOutcome:
+        from ingest import RegistrationOutcome  # noqa: PLC0415
+        from storage import Registration  # noqa: PLC0415
+
+        message = request.message
+        result = await self._store.register(
+            Registration(
+                phone=request.phone,
+                province=message.province,
+                city=message.city,
+                manufacturer=message.manufacturer,
+                model=message.model,
+                terminal_id=message.terminal_id,
+                plate_color=message.plate_color,
+                plate=message.plate,
+                auth_code=request.auth_code,
+                policy=request.policy,
+                at=request.at,
+            )
+        )
+        return RegistrationOutcome(
+            result=result, auth_code=request.auth_code if result == 0 else None
+        )
+
+    async def authenticate(self, request: AuthRequest) -> bool:
+        return await self._store.authenticate(
+            phone=request.phone,
+            auth_code=request.auth_code,
+            imei=request.imei,
+            firmware=request.software_version,
+            at=request.at,
+        )
+
+    async def lookup(self, phone: str) -> TerminalInfo | None:
+        from ingest.interfaces import TerminalInfo  # noqa: PLC0415
+
+        record = await self._store.lookup(phone)
+        if record is None:
+            return None
+        return TerminalInfo(
+            phone=record.phone,
+            provisioned=record.provisioned,
+            auth_code=record.auth_code,
+            plate=record.plate,
+            imei=record.imei,
+            software_version=record.firmware,
+            registered_at=record.registered_at,
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    import trio  # noqa: PLC0415
+
+    from ingest import ConfigError, load_config  # noqa: PLC0415
+    from storage import StorageError, database_dsn  # noqa: PLC0415
+
+    try:
+        config = load_config(args, os.environ)
+    except ConfigError as exc:
+        logger.error("%s", exc)  # noqa: TRY400 - a usage error, not a crash
+        return EXIT_USAGE
+    data_dir: Path = args.data_dir or config.data_dir
+    try:
+        with database_dsn(config.dsn, data_dir / "pgdata") as dsn:
+            _migrate(dsn)
+            trio.run(serve, config, dsn, data_dir)
+    except StorageError as exc:
+        logger.error("%s", exc)  # noqa: TRY400
+        return 1
+    return EXIT_OK
+
+
+def _migrate(dsn: str) -> None:
+    import psycopg  # noqa: PLC0415
+
+    from storage import migrate  # noqa: PLC0415
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        migrate(conn)
+
+
+async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
+    """Run server, operator port and writer until SIGTERM/SIGINT, then stop in order."""
+    import trio  # noqa: PLC0415
+
+    from ingest import Server  # noqa: PLC0415
+    from storage import PositionWriter, Spool, TerminalStore  # noqa: PLC0415
+
+    spool = Spool(config.spool_dir or data_dir / "spool")
+    writer = PositionWriter(dsn, spool=spool)
+    store = TerminalStore(dsn)
+    server = Server(config, sink=WriterSink(writer), registry=DatabaseRegistry(store))
+    stopped = trio.Event()
+
+    async def run_server(
+        *, task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        await server.run(task_status=task_status)
+        stopped.set()
+
+    try:
+        async with trio.open_nursery() as services:
+            await services.start(writer.run)
+            await services.start(server.operator_http().run)
+            ports = await services.start(run_server)
+            logger.info(
+                "serving JT/T 808 on %s port(s) %s, operator HTTP on %s:%s, ack=%s",
+                config.host,
+                ports,
+                config.http_host,
+                config.http_port,
+                config.ack,
+            )
+            services.start_soon(_stop_on_signal, server, services.cancel_scope)
+            await stopped.wait()
+            # Connections are closed and their acks sent; flush what the writer still holds.
+            await writer.drain()
+            services.cancel_scope.cancel()
+    finally:
+        store.close()
+    logger.info("stopped")
+
+
+async def _stop_on_signal(server: Server, scope: trio.CancelScope) -> None:
+    """First SIGTERM/SIGINT: graceful shutdown.  A second one: stop at once."""
+    import trio  # noqa: PLC0415
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        count = 0
+        async for signum in signals:
+            count += 1
+            if count == 1:
+                logger.info("%s: shutting down", signal.Signals(signum).name)
+                server.shutdown()
+            else:
+                logger.warning("%s again: stopping now", signal.Signals(signum).name)
+                scope.cancel()
