@@ -1,0 +1,205 @@
+"""The wired application against a real PostgreSQL: acks mean durable, auth codes persist,
+unauthenticated terminals write nothing, SIGKILL right after an ack loses nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import psycopg
+import pytest
+import trio
+
+from ingest import Server, ServerConfig
+from protocol.header import Edition
+from protocol.messages.location import LocationBatch
+from storage import PositionWriter, Spool, TerminalStore, migrate
+from tests.storage_fixtures import pg_dsn, pg_schema_dsn  # noqa: F401
+from tests.terminal_client import Terminal, location
+from tools.serve_cmd import DatabaseRegistry, WriterSink
+
+pytestmark = pytest.mark.db
+
+
+def _count(dsn: str, phone: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM positions WHERE phone = %s", (phone,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.fixture
+def db(pg_schema_dsn: str) -> str:  # noqa: F811
+    with psycopg.connect(pg_schema_dsn, autocommit=True) as conn:
+        migrate(conn)
+    return pg_schema_dsn
+
+
+@asynccontextmanager
+async def running_app(dsn: str, spool_dir: Path) -> AsyncIterator[int]:
+    config = ServerConfig(host="127.0.0.1", port=0, http_port=0)
+    writer = PositionWriter(dsn, spool=Spool(spool_dir))
+    store = TerminalStore(dsn)
+    server = Server(config, sink=WriterSink(writer), registry=DatabaseRegistry(store))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        ports = await nursery.start(server.run)
+        try:
+            yield ports[0]
+        finally:
+            nursery.cancel_scope.cancel()
+            store.close()
+
+
+async def test_position_is_in_the_database_when_its_ack_arrives(db: str, tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with running_app(db, tmp_path / "spool") as port:
+            terminal = await Terminal.connect(port, "13900000001", Edition.V2019)
+            await terminal.login()
+            for n in range(3):
+                serial = await terminal.send(location(n))
+                ack = await terminal.receive()
+                assert getattr(ack.message, "reply_serial", None) == serial
+                assert getattr(ack.message, "result", None) == 0
+                assert _count(db, terminal.wire_phone) == n + 1
+            batch = LocationBatch(batch_type=1, positions=tuple(location(n) for n in range(3, 8)))
+            await terminal.send(batch)
+            await terminal.receive()
+            assert _count(db, terminal.wire_phone) == 8
+            await terminal.close()
+
+
+async def test_retransmission_stored_once_and_unauthenticated_refused(
+    db: str, tmp_path: Path
+) -> None:
+    with trio.fail_after(30):
+        async with running_app(db, tmp_path / "spool") as port:
+            stranger = await Terminal.connect(port, "13900000002")
+            await stranger.send(location(1))
+            refusal = await stranger.receive()
+            assert getattr(refusal.message, "result", None) == 1
+            assert _count(db, stranger.wire_phone) == 0
+
+            terminal = await Terminal.connect(port, "13900000003")
+            await terminal.login()
+            serial = await terminal.send(location(5))
+            await terminal.receive()
+            await terminal.send(location(5), serial=serial)  # the terminal missed our ack
+            again = await terminal.receive()
+            assert getattr(again.message, "reply_serial", None) == serial
+            assert _count(db, terminal.wire_phone) == 1
+            await stranger.close()
+            await terminal.close()
+
+
+async def test_auth_code_survives_a_restart(db: str, tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with running_app(db, tmp_path / "spool") as port:
+            terminal = await Terminal.connect(port, "13900000004")
+            code = await terminal.login()
+            await terminal.close()
+        async with running_app(db, tmp_path / "spool") as port:
+            from protocol.messages.terminal import TerminalAuth  # noqa: PLC0415
+
+            terminal = await Terminal.connect(port, "13900000004")
+            await terminal.send(TerminalAuth(auth_code=code))
+            assert getattr((await terminal.receive()).message, "result", None) == 0
+            await terminal.send(TerminalAuth(auth_code="wrong"))
+            assert getattr((await terminal.receive()).message, "result", None) == 1
+            await terminal.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _start_server(dsn: str, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JT808_")}
+    log = (data_dir / "server.log").open("ab")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tools.cli",
+            "serve",
+            "--dsn",
+            dsn,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--http-port",
+            str(_free_port()),
+            "--data-dir",
+            str(data_dir),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        except OSError:
+            time.sleep(0.1)
+        else:
+            log.close()  # the child keeps its own descriptor
+            return process
+    process.kill()
+    process.wait()
+    log.close()
+    raise AssertionError("server did not start: " + (data_dir / "server.log").read_text()[-2000:])
+
+
+@pytest.mark.parametrize("stall_database", [False, True], ids=["database-up", "database-stalled"])
+async def test_sigkill_right_after_an_ack_loses_nothing(
+    db: str, tmp_path: Path, stall_database: bool
+) -> None:
+    port = _free_port()
+    process = _start_server(db, tmp_path, port)
+    blocker: psycopg.Connection[tuple[object, ...]] | None = None
+    try:
+        with trio.fail_after(60):
+            terminal = await Terminal.connect(port, "13900000005")
+            await terminal.login()
+            if stall_database:
+                # Hold a lock that blocks every insert: the writer's timeout sends the batch to
+                # the spool, which is fsynced before the ack.
+                blocker = psycopg.connect(db)
+                blocker.execute("LOCK TABLE positions IN ACCESS EXCLUSIVE MODE")
+            serial = await terminal.send(location(7))
+            ack = await terminal.receive()
+            assert getattr(ack.message, "reply_serial", None) == serial
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            await terminal.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if blocker is not None:
+            blocker.rollback()
+            blocker.close()
+    if stall_database:
+        assert _count(db, "013900000005") == 0
+        restarted = _start_server(db, tmp_path, port)  # replays the spool
+        try:
+            deadline = time.monotonic() + 20
+            while _count(db, "013900000005") == 0 and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            restarted.send_signal(signal.SIGTERM)
+            assert restarted.wait(timeout=20) == 0
+    assert _count(db, "013900000005") == 1
