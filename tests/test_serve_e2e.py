@@ -198,7 +198,7 @@ async def test_sigkill_right_after_an_ack_loses_nothing(
         try:
             deadline = time.monotonic() + 20
             while _count(db, "013900000005") == 0 and time.monotonic() < deadline:
-                time.sleep(0.2)
+                await trio.sleep(0.2)
         finally:
             restarted.send_signal(signal.SIGTERM)
             assert restarted.wait(timeout=20) == 0
