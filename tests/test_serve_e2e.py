@@ -197,7 +197,7 @@ async def test_sigkill_right_after_an_ack_loses_nothing(
         restarted = _start_server(db, tmp_path, port)  # replays the spool
         try:
             deadline = time.monotonic() + 20
-            while _count(db, "013900000005") == 0 and time.monotonic() < deadline:
+            while _count(db, "013900000005") == 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - polls the database: no event to wait on
                 await trio.sleep(0.2)
         finally:
             restarted.send_signal(signal.SIGTERM)
