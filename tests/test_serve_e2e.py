@@ -123,7 +123,7 @@ def _free_port() -> int:
         return port
 
 
-def _start_server(dsn: str, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def _start_server(dsn: str, data_dir: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JT808_")}
     log = (data_dir / "server.log").open("ab")
     process = subprocess.Popen(
@@ -203,3 +203,23 @@ async def test_sigkill_right_after_an_ack_loses_nothing(
             restarted.send_signal(signal.SIGTERM)
             assert restarted.wait(timeout=20) == 0
     assert _count(db, "013900000005") == 1
+
+
+async def test_two_worker_processes_share_the_port_and_stop_cleanly(
+    db: str, tmp_path: Path
+) -> None:
+    port = _free_port()
+    process = _start_server(db, tmp_path, port, "--workers", "2")
+    try:
+        with trio.fail_after(60):
+            terminals = [await Terminal.connect(port, f"1390000010{n}") for n in range(6)]
+            for terminal in terminals:
+                await terminal.login()
+                await terminal.send(location(1))
+                await terminal.receive()
+                await terminal.close()
+        for terminal in terminals:
+            assert _count(db, terminal.wire_phone) == 1
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0

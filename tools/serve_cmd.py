@@ -10,7 +10,9 @@ drain the position writer, then stop the operator port and exit 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import multiprocessing
 import os
 import signal
 from collections.abc import Sequence
@@ -152,11 +154,70 @@ def run(args: argparse.Namespace) -> int:
     try:
         with database_dsn(config.dsn, data_dir / "pgdata") as dsn:
             _migrate(dsn)
-            trio.run(serve, config, dsn, data_dir)
+            if config.workers == 1:
+                trio.run(serve, config, dsn, data_dir)
+                return EXIT_OK
+            return _run_workers(config, dsn, data_dir, args.log_level)
     except StorageError as exc:
         logger.error("%s", exc)  # noqa: TRY400
         return 1
+
+
+def _run_workers(config: ServerConfig, dsn: str, data_dir: Path, log_level: str) -> int:
+    """``--workers N``: N independent server processes accepting on one port (SO_REUSEPORT).
+
+    This is how one node uses more than one core and holds more connections than one
+    process's descriptor limit allows.  Each worker has its own writer and its own spool
+    directory (a spool has one writer); worker ``i`` serves the operator port ``http_port + i``.
+    SIGTERM/SIGINT to this parent is passed on to every worker as SIGTERM.
+    """
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(
+            target=_worker_main,
+            args=(config, dsn, data_dir, index, log_level),
+            name=f"jt808-worker-{index}",
+        )
+        for index in range(config.workers)
+    ]
+    for worker in workers:
+        worker.start()
+
+    def forward(signum: int, frame: object) -> None:
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for worker in workers:
+        worker.join()
+    failed = [f"{w.name} (exit {w.exitcode})" for w in workers if w.exitcode != 0]
+    if failed:
+        logger.error("workers exited with an error: %s", ", ".join(failed))
+        return 1
     return EXIT_OK
+
+
+def _worker_main(
+    config: ServerConfig, dsn: str, data_dir: Path, index: int, log_level: str
+) -> None:
+    import trio  # noqa: PLC0415
+
+    logging.basicConfig(
+        level=log_level,
+        format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s",
+    )
+    # Leave the terminal's process group: Ctrl-C goes to the parent alone, which passes on one
+    # SIGTERM, so each worker shuts down gracefully once.
+    os.setpgrp()
+    spool_root = config.spool_dir or data_dir / "spool"
+    worker_config = dataclasses.replace(
+        config,
+        http_port=config.http_port + index if config.http_port else 0,
+        spool_dir=spool_root / f"worker-{index}",
+    )
+    trio.run(serve, worker_config, dsn, data_dir)
 
 
 def _migrate(dsn: str) -> None:
