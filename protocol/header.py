@@ -10,10 +10,11 @@ consistent with the declared body length and reports whether the flag agreed.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from construct import BitsInteger, BitStruct, ConstructError, Flag, If, Struct, this
+from construct import BitsInteger, BitStruct, Flag, If, Struct, this
 
 from protocol.errors import HeaderTooShortError, LengthMismatchError, LocalProtocolError
 from protocol.fields import BYTE, WORD, BcdDigits
@@ -105,6 +106,15 @@ def header_size(layout: Edition, subpackage: bool) -> int:
     return base + (_PACKAGE_SIZE if subpackage else 0)
 
 
+# The construct schemas above are the reference; the functions below read and write the same
+# fields with ``struct`` because every frame passes through them (a construct parse of a header
+# costs about 16 us, these about 1 us).  tests/test_header_fastpath.py checks that both agree
+# on every input.
+_ID_PROPS = struct.Struct(">HH")
+_SERIAL = struct.Struct(">H")
+_PACKAGE_WORDS = struct.Struct(">HH")
+
+
 def parse_header(content: bytes) -> Header:
     """Read the header of ``content`` (header + body, check code already removed).
 
@@ -116,28 +126,66 @@ def parse_header(content: bytes) -> Header:
     """
     if len(content) < 4:
         raise HeaderTooShortError(f"{len(content)} bytes cannot hold a header", raw=content)
-    props = PROPERTIES.parse(content[2:4])
-    announced = Edition.V2019 if props.version_flag else Edition.V2013
-    other = Edition.V2013 if props.version_flag else Edition.V2019
+    msg_id, props = _ID_PROPS.unpack_from(content)
+    body_length = props & 0x3FF
+    subpackage = bool(props & 0x2000)
+    version_flag = bool(props & 0x4000)
+    announced = Edition.V2019 if version_flag else Edition.V2013
+    other = Edition.V2013 if version_flag else Edition.V2019
     layout = announced
     for candidate in (announced, other):
-        if header_size(candidate, props.subpackage) + props.body_length == len(content):
+        if header_size(candidate, subpackage) + body_length == len(content):
             layout = candidate
             break
-    size = header_size(layout, props.subpackage)
+    size = header_size(layout, subpackage)
     if len(content) < size:
         raise HeaderTooShortError(
             f"{len(content)} bytes cannot hold the {layout.value} header of {size} bytes"
-            + (" with sub-package fields" if props.subpackage else ""),
+            + (" with sub-package fields" if subpackage else ""),
             raw=content,
         )
-    schema = HEADER_2019 if layout is Edition.V2019 else HEADER_2013
-    try:
-        parsed = schema.parse(content)
-    except ConstructError as exc:  # pragma: no cover - sizes were checked above
-        raise HeaderTooShortError(str(exc), raw=content) from exc
-    package = parsed.package
+    if layout is Edition.V2019:
+        protocol_version: int | None = content[4]
+        phone = content[5:15].hex()
+        (serial,) = _SERIAL.unpack_from(content, 15)
+    else:
+        protocol_version = None
+        phone = content[4:10].hex()
+        (serial,) = _SERIAL.unpack_from(content, 10)
+    total = index = None
+    if subpackage:
+        total, index = _PACKAGE_WORDS.unpack_from(content, size - _PACKAGE_SIZE)
     header = Header(
+        msg_id=msg_id,
+        body_length=body_length,
+        phone=phone,
+        serial=serial,
+        layout=layout,
+        version_flag=version_flag,
+        protocol_version=protocol_version,
+        encryption=(props >> 10) & 0b111,
+        subpackage=subpackage,
+        package_total=total,
+        package_index=index,
+        reserved_bit=bool(props & 0x8000),
+    )
+    actual = len(content) - size
+    if actual != body_length:
+        raise LengthMismatchError(
+            f"body-length field says {body_length}, actual body is {actual} byte(s)",
+            header=header,
+            raw=content,
+        )
+    return header
+
+
+def parse_header_reference(content: bytes, layout: Edition) -> Header:
+    """The header read with the construct schemas of the standard's table (tests compare)."""
+    schema = HEADER_2019 if layout is Edition.V2019 else HEADER_2013
+    parsed = schema.parse(content)
+    props = parsed.properties
+    package = parsed.package
+    return Header(
         msg_id=parsed.msg_id,
         body_length=props.body_length,
         phone=parsed.phone,
@@ -151,14 +199,6 @@ def parse_header(content: bytes) -> Header:
         package_index=package.index if package is not None else None,
         reserved_bit=props.reserved,
     )
-    actual = len(content) - size
-    if actual != props.body_length:
-        raise LengthMismatchError(
-            f"body-length field says {props.body_length}, actual body is {actual} byte(s)",
-            header=header,
-            raw=content,
-        )
-    return header
 
 
 def build_header(header: Header) -> bytes:
@@ -167,6 +207,36 @@ def build_header(header: Header) -> bytes:
         raise LocalProtocolError(f"body of {header.body_length} bytes needs sub-packaging")
     if header.subpackage != (header.package_total is not None):
         raise LocalProtocolError("sub-package flag and package fields must go together")
+    if not 0 <= header.encryption <= 0b111:
+        raise LocalProtocolError(f"encryption {header.encryption} does not fit 3 bits")
+    props = (
+        header.body_length
+        | header.encryption << 10
+        | header.subpackage << 13
+        | header.version_flag << 14
+        | header.reserved_bit << 15
+    )
+    is_2019 = header.layout is Edition.V2019
+    width = 10 if is_2019 else 6
+    digits = header.phone.rjust(2 * width, "0")
+    if len(digits) != 2 * width:
+        raise LocalProtocolError(f"phone {header.phone!r} does not fit BCD[{width}]")
+    try:
+        phone = bytes.fromhex(digits)
+        out = _ID_PROPS.pack(header.msg_id, props)
+        if is_2019:
+            version = header.protocol_version if header.protocol_version is not None else 1
+            out += bytes((version,))
+        out += phone + _SERIAL.pack(header.serial)
+        if header.subpackage:
+            out += _PACKAGE_WORDS.pack(header.package_total, header.package_index)
+    except (ValueError, struct.error, TypeError) as exc:
+        raise LocalProtocolError(f"cannot build header {header}: {exc}") from exc
+    return out
+
+
+def build_header_reference(header: Header) -> bytes:
+    """The header built with the construct schemas (tests compare with :func:`build_header`)."""
     fields = {
         "msg_id": header.msg_id,
         "properties": {
@@ -184,12 +254,9 @@ def build_header(header: Header) -> bytes:
             else None
         ),
     }
-    try:
-        if header.layout is Edition.V2019:
-            fields["protocol_version"] = (
-                header.protocol_version if header.protocol_version is not None else 1
-            )
-            return bytes(HEADER_2019.build(fields))
-        return bytes(HEADER_2013.build(fields))
-    except ConstructError as exc:
-        raise LocalProtocolError(f"cannot build header: {exc}") from exc
+    if header.layout is Edition.V2019:
+        fields["protocol_version"] = (
+            header.protocol_version if header.protocol_version is not None else 1
+        )
+        return bytes(HEADER_2019.build(fields))
+    return bytes(HEADER_2013.build(fields))

@@ -10,13 +10,15 @@ because one vendor's odd item must not cost the position.
 from __future__ import annotations
 
 import dataclasses
+import struct
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, ClassVar, Self
 
 from construct import Adapter, Bytes, Construct, ConstructError, If, Struct, Terminated, this
 
 from protocol.errors import BodyDecodeError, LocalProtocolError
-from protocol.fields import BYTE, DWORD, WORD, BcdTime
+from protocol.fields import BYTE, DWORD, WORD, BcdTime, bcd_time_to_datetime
 from protocol.header import Edition
 from protocol.messages.base import Message, Record, jsonable, register
 
@@ -49,6 +51,9 @@ LOCATION_BASIC = Struct(
     "time" / BcdTime,  # GMT+8
 )
 LOCATION_BASIC_SIZE = 28
+# LOCATION_BASIC is the reference; every report passes through this struct equivalent of its
+# first 22 bytes (the BCD time is read by bcd_time_to_datetime, as BcdTime does).
+_BASIC = struct.Struct(">IIIIHHH")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +73,8 @@ class Item(Record):
 
     @classmethod
     def decode_value(cls, data: bytes) -> Self:
-        return cls.from_parsed(Struct(*cls.SCHEMA.subcons, Terminated).parse(data))
+        """Decode the value bytes; ConstructError unless they are exactly the schema."""
+        return cls.from_parsed(_exact(cls.SCHEMA).parse(data))
 
     def encode_value(self) -> bytes:
         try:
@@ -78,6 +84,19 @@ class Item(Record):
 
 
 ITEM_TYPES: dict[int, type[Item]] = {}
+# Items holding one unsigned integer of a fixed width: id -> (class, width).  Every report
+# carries a few of them, so they are read with int.from_bytes rather than a construct parse
+# (tests/test_location_fastpath.py checks both give the same items).
+_UNSIGNED_ITEMS: dict[int, tuple[type[Item], int]] = {}
+_EXACT: dict[int, Construct] = {}
+
+
+def _exact(schema: Construct) -> Construct:
+    """``schema`` that must consume the whole value (built once per schema)."""
+    exact = _EXACT.get(id(schema))
+    if exact is None:
+        exact = _EXACT[id(schema)] = Struct(*schema.subcons, Terminated)
+    return exact
 
 
 class _SignMagnitude16(Adapter):  # type: ignore[misc]
@@ -277,6 +296,23 @@ GnssSatellites = _item(
 )
 GnssSatellites.__name__ = GnssSatellites.__qualname__ = "GnssSatellites"
 
+_UNSIGNED_ITEMS.update(
+    {
+        cls.ITEM_ID: (cls, cls.SCHEMA.sizeof())
+        for cls in (
+            Mileage,
+            Fuel,
+            RecorderSpeed,
+            AlarmEventId,
+            ExtendedSignal,
+            IoStatus,
+            AnalogInputs,
+            SignalStrength,
+            GnssSatellites,
+        )
+    }
+)
+
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class RawItem(Record):
@@ -308,6 +344,14 @@ AnyItem = Item | RawItem
 
 
 def decode_item(item_id: int, data: bytes) -> AnyItem:
+    unsigned = _UNSIGNED_ITEMS.get(item_id)
+    if unsigned is not None and len(data) == unsigned[1]:
+        return unsigned[0](value=int.from_bytes(data, "big"))  # type: ignore[call-arg]
+    return decode_item_reference(item_id, data)
+
+
+def decode_item_reference(item_id: int, data: bytes) -> AnyItem:
+    """:func:`decode_item` through the construct schemas only."""
     cls = ITEM_TYPES.get(item_id)
     if cls is not None:
         try:
@@ -317,7 +361,9 @@ def decode_item(item_id: int, data: bytes) -> AnyItem:
     return RawItem(item_id=item_id, data=data)
 
 
-def parse_items(data: bytes) -> tuple[tuple[AnyItem, ...], bytes]:
+def parse_items(
+    data: bytes, decode: Callable[[int, bytes], AnyItem] | None = None
+) -> tuple[tuple[AnyItem, ...], bytes]:
     """Walk the id/length/value items; return them and any bytes left that form no item.
 
     The walk is a plain loop: each step is two bytes of header, and the tolerance rules (an
@@ -334,7 +380,7 @@ def parse_items(data: bytes) -> tuple[tuple[AnyItem, ...], bytes]:
         if stop > end:
             items.append(RawItem(item_id=item_id, data=data[pos + 2 : end], declared_length=length))
             return tuple(items), b""
-        items.append(decode_item(item_id, data[pos + 2 : stop]))
+        items.append((decode or decode_item)(item_id, data[pos + 2 : stop]))
         pos = stop
     return tuple(items), data[pos:]
 
@@ -424,8 +470,27 @@ class Location(Record):
             raise BodyDecodeError(
                 f"location needs {LOCATION_BASIC_SIZE} bytes of basic information, got {len(data)}"
             )
-        basic = LOCATION_BASIC.parse(data)
+        alarm, status, latitude, longitude, altitude, speed, direction = _BASIC.unpack_from(data)
         items, leftover = parse_items(data[LOCATION_BASIC_SIZE:])
+        return Location(
+            alarm=alarm,
+            status=status,
+            latitude=latitude,
+            longitude=longitude,
+            altitude_m=altitude,
+            speed=speed,
+            direction=direction,
+            time=bcd_time_to_datetime(data[22:LOCATION_BASIC_SIZE]),
+            items=items,
+            leftover=leftover,
+        )
+
+    @classmethod
+    def parse_location_reference(cls, data: bytes) -> Location:
+        """:meth:`parse_location` through the construct schemas only (tests compare)."""
+        basic = LOCATION_BASIC.parse(data)
+        rest = data[LOCATION_BASIC_SIZE:]
+        items, leftover = parse_items(rest, decode=decode_item_reference)
         return Location(
             alarm=basic.alarm,
             status=basic.status,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import struct
 from typing import Any, ClassVar
 
 from construct import Construct, If, Struct, this
 
+from protocol.errors import LocalProtocolError
 from protocol.fields import BYTE, WORD, FixedText, GreedyText, PrefixedText
 from protocol.header import Edition
 from protocol.messages.base import Message, register
@@ -18,30 +20,42 @@ _GENERAL_RESPONSE = Struct(
 )
 
 
+# Every stored report is answered with a general response, so its body is packed with struct;
+# tests/test_messages_fastpath.py checks it against _GENERAL_RESPONSE.
+_GENERAL_RESPONSE_STRUCT = struct.Struct(">HHB")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _GeneralResponse(Message):
+    reply_serial: int
+    reply_msg_id: int
+    result: int
+
+    def encode(self, edition: Edition = Edition.V2013) -> bytes:
+        try:
+            return _GENERAL_RESPONSE_STRUCT.pack(self.reply_serial, self.reply_msg_id, self.result)
+        except struct.error as exc:
+            raise LocalProtocolError(f"0x{self.MSG_ID:04x}: {exc}") from exc
+
+
 @register
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class TerminalGeneralResponse(Message):
+class TerminalGeneralResponse(_GeneralResponse):
     """0x0001 terminal general response (8.1, table 4): 0 ok, 1 failure, 2 bad message,
     3 not supported."""
 
     MSG_ID: ClassVar[int] = 0x0001
     SCHEMA: ClassVar[Construct] = _GENERAL_RESPONSE
-    reply_serial: int
-    reply_msg_id: int
-    result: int
 
 
 @register
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class PlatformGeneralResponse(Message):
+class PlatformGeneralResponse(_GeneralResponse):
     """0x8001 platform general response (8.2, table 5): 0 ok, 1 failure, 2 bad message,
     3 not supported, 4 alarm confirmed."""
 
     MSG_ID: ClassVar[int] = 0x8001
     SCHEMA: ClassVar[Construct] = _GENERAL_RESPONSE
-    reply_serial: int
-    reply_msg_id: int
-    result: int
 
 
 @register
