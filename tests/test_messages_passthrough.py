@@ -23,7 +23,7 @@ from protocol.messages.passthrough import (
     TerminalRsaKey,
     UplinkPassthrough,
 )
-from tests.vectors import case_ids, load_cases
+from tests.vectors import case_ids, check_standard_keys, load_cases
 
 MSG_IDS = {0x0900, 0x8900, 0x0901, 0x0A00, 0x8A00}
 CASES = [
@@ -40,34 +40,11 @@ def _message(case_id: str) -> Any:
     return decode(bytes.fromhex(BY_ID[case_id]["hex"])).message
 
 
-# Standard header keys of the vectors; each is the Header attribute of the same name.
-HEADER_KEYS = {
-    "body_length",
-    "encryption",
-    "subpackage",
-    "version_flag",
-    "protocol_version",
-    "package_total",
-    "package_index",
-}
-
-
-def _check_standard_keys(packet: Any, expect: dict[str, Any]) -> None:
-    """The vector's standard (unprefixed) keys: header fields, then body fields by name."""
-    assert expect["checksum_ok"]
-    assert expect["length_ok"]
-    for key, value in expect.items():
-        if ":" in key or key in ("checksum_ok", "length_ok"):
-            continue
-        source = packet.header if key in HEADER_KEYS else packet.message
-        assert getattr(source, key) == value, key
-
-
 @pytest.mark.parametrize("case", CASES, ids=case_ids)
 def test_vector_decodes_to_our_message_and_reencodes(case: dict[str, Any]) -> None:
     wire = bytes.fromhex(case["hex"])
     packet = decode(wire)
-    _check_standard_keys(packet, case["expect"])
+    check_standard_keys(packet, case["expect"])
     message = packet.message
     assert type(message) is REGISTRY[packet.msg_id]
     rebuilt = encode(

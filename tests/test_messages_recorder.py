@@ -28,7 +28,7 @@ from protocol.messages.recorder import (
     RecorderParams,
     RecorderUpload,
 )
-from tests.vectors import case_ids, load_cases
+from tests.vectors import case_ids, check_standard_keys, load_cases
 
 MSG_IDS = {0x8700, 0x0700, 0x8701, 0x0701, 0x0702, 0x8702, 0x0705}
 CASES = [
@@ -65,34 +65,11 @@ def _packet(case_id: str) -> Any:
 # Shared vectors
 
 
-# Standard header keys of the vectors; each is the Header attribute of the same name.
-HEADER_KEYS = {
-    "body_length",
-    "encryption",
-    "subpackage",
-    "version_flag",
-    "protocol_version",
-    "package_total",
-    "package_index",
-}
-
-
-def _check_standard_keys(packet: Any, expect: dict[str, Any]) -> None:
-    """The vector's standard (unprefixed) keys: header fields, then body fields by name."""
-    assert expect["checksum_ok"]
-    assert expect["length_ok"]
-    for key, value in expect.items():
-        if ":" in key or key in ("checksum_ok", "length_ok"):
-            continue
-        source = packet.header if key in HEADER_KEYS else packet.message
-        assert getattr(source, key) == value, key
-
-
 @pytest.mark.parametrize("case", CASES, ids=case_ids)
 def test_vector_decodes_to_our_message_and_reencodes(case: dict[str, Any]) -> None:
     wire = bytes.fromhex(case["hex"])
     packet = decode(wire)
-    _check_standard_keys(packet, case["expect"])
+    check_standard_keys(packet, case["expect"])
     message = packet.message
     if packet.header.subpackage:
         assert isinstance(message, Fragment)

@@ -26,3 +26,28 @@ def load_cases() -> list[dict[str, Any]]:
 def case_ids(case: dict[str, Any]) -> str:
     """pytest ``ids=`` callback: a case is named by its id."""
     return str(case["id"])
+
+
+# Standard header keys of the vectors; each is the Header attribute of the same name.
+HEADER_KEYS = frozenset(
+    {
+        "body_length",
+        "encryption",
+        "subpackage",
+        "version_flag",
+        "protocol_version",
+        "package_total",
+        "package_index",
+    }
+)
+
+
+def check_standard_keys(packet: Any, expect: dict[str, Any]) -> None:
+    """The vector's standard (unprefixed) keys: header fields, then body fields by name."""
+    assert expect["checksum_ok"]
+    assert expect["length_ok"]
+    for key, value in expect.items():
+        if ":" in key or key in ("checksum_ok", "length_ok"):
+            continue
+        source = packet.header if key in HEADER_KEYS else packet.message
+        assert getattr(source, key) == value, key
