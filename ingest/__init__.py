@@ -6,24 +6,44 @@
   in-memory implementations.
 * :mod:`ingest.server` -- the trio TCP server; :mod:`ingest.http` the operator HTTP port;
   :mod:`ingest.metrics` its Prometheus metrics; :mod:`ingest.capture` the byte recorder.
+* :mod:`ingest.uploads` -- sub-packaged uploads of the process (the codec's reassembler).
+* :mod:`ingest.commands` -- downlink commands: expected answers, retransmission schedule, JSON.
+* :mod:`ingest.cluster` -- online sessions of all nodes and commands relayed between nodes.
 """
 
 from __future__ import annotations
 
+from ingest.commands import (
+    BadCommandError,
+    CommandBusyError,
+    CommandError,
+    CommandTimeoutError,
+    NodeUnreachableError,
+    TerminalOfflineError,
+    message_from_json,
+    retransmit_schedule,
+)
 from ingest.config import ConfigError, ServerConfig, add_arguments, load_config
 from ingest.http import OperatorHttp
 from ingest.interfaces import (
     AuthRequest,
+    ClusterTransport,
     Completion,
     CompletionEvent,
+    InMemoryMediaSink,
     InMemoryPositionSink,
     InMemorySessionDirectory,
+    InMemorySessionRecords,
     InMemoryTerminalRegistry,
+    InMemoryTransport,
+    MediaRecord,
+    MediaSink,
     PositionRecord,
     PositionSink,
     RegistrationOutcome,
     RegistrationRequest,
     SessionDirectory,
+    SessionRecords,
     TerminalInfo,
     TerminalRegistry,
 )
@@ -33,13 +53,24 @@ from ingest.session import Session, SessionPolicy, SessionState
 
 __all__ = [
     "AuthRequest",
+    "BadCommandError",
+    "ClusterTransport",
+    "CommandBusyError",
+    "CommandError",
+    "CommandTimeoutError",
     "Completion",
     "CompletionEvent",
     "ConfigError",
+    "InMemoryMediaSink",
     "InMemoryPositionSink",
     "InMemorySessionDirectory",
+    "InMemorySessionRecords",
     "InMemoryTerminalRegistry",
+    "InMemoryTransport",
+    "MediaRecord",
+    "MediaSink",
     "Metrics",
+    "NodeUnreachableError",
     "OperatorHttp",
     "PositionRecord",
     "PositionSink",
@@ -50,9 +81,13 @@ __all__ = [
     "Session",
     "SessionDirectory",
     "SessionPolicy",
+    "SessionRecords",
     "SessionState",
     "TerminalInfo",
+    "TerminalOfflineError",
     "TerminalRegistry",
     "add_arguments",
     "load_config",
+    "message_from_json",
+    "retransmit_schedule",
 ]

@@ -100,12 +100,35 @@ class ServerConfig:
     # terminals each reporting every 10 s.
     dedup_max_entries: int = 100_000
 
+    # -- sub-packaged uploads (JT/T 808-2019 4.4.3, 8.4)
+    # Silence after the last new package of a series before the missing packages are asked for
+    # again (0x8003, or 0x8800 for multimedia), and again after each request.  Terminals send
+    # the packages of a message back to back; 30 s without one means they were lost.
+    reassembly_timeout_s: float = 30.0
+    # Requests before an incomplete series is given up: the terminal's own default retry
+    # count (parameter 0x0003, commonly 3).
+    reassembly_rounds: int = 3
+
+    # -- downlink commands (clause 4.5.2 retransmission: T(n+1) = T(n) x (n+1))
+    # T1, the wait for the answer to the first sending; the terminal's own default TCP response
+    # timeout (parameter 0x0002) is 10 s.
+    command_timeout_s: float = 10.0
+    # Resends after the first sending.  Two give waits of 10, 20 and 60 s (90 s in all), which
+    # an operator's HTTP client still waits for; the standard's factory default of three would
+    # add another 240 s.
+    command_retries: int = 2
+    # This server process in the ``sessions`` table and on the command channel; None means
+    # "hostname:pid", unique per worker process.
+    node_id: str | None = None
+
     # -- elsewhere in the application
     dsn: str | None = None
     capture_dir: Path | None = None
     # Capture stops for a connection once its file reaches this size.
     capture_max_bytes: int = 64 * 1024 * 1024
     spool_dir: Path | None = None
+    # Multimedia files (0x0801); None means ``data_dir / "media"``.
+    media_dir: Path | None = None
     # Where the embedded PostgreSQL (no dsn configured) and the default spool keep their files.
     data_dir: Path = Path("jt808-data")
 
@@ -133,12 +156,21 @@ def _validate(config: ServerConfig) -> list[str]:
         for name in ("workers", "max_connections", "max_failures", "max_unacked", "max_frame_bytes")
         if getattr(config, name) < 1
     )
+    problems.extend(
+        f"{name} must not be negative"
+        for name in ("reassembly_rounds", "command_retries")
+        if getattr(config, name) < 0
+    )
+    if config.node_id is not None and not config.node_id.strip():
+        problems.append("node_id must not be blank")
     for name in (
         "heartbeat_interval_s",
         "idle_timeout_cap_s",
         "auth_timeout_s",
         "send_timeout_s",
         "dedup_window_s",
+        "reassembly_timeout_s",
+        "command_timeout_s",
     ):
         value = getattr(config, name)
         if not (value > 0 and math.isfinite(value)):
@@ -176,6 +208,8 @@ _FLAG_FIELDS = {
     "registration": "registration",
     "workers": "workers",
     "capture_dir": "capture_dir",
+    "media_dir": "media_dir",
+    "node_id": "node_id",
 }
 
 
@@ -197,6 +231,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, metavar="N", help="server processes")
     parser.add_argument(
         "--capture", dest="capture_dir", type=Path, metavar="DIR", help="record inbound bytes"
+    )
+    parser.add_argument(
+        "--media-dir", dest="media_dir", type=Path, metavar="DIR", help="multimedia files"
+    )
+    parser.add_argument(
+        "--node-id", dest="node_id", metavar="ID", help="this node's id (default hostname:pid)"
     )
 
 

@@ -9,15 +9,21 @@ small protocols.  The in-memory implementations serve the tests and a database-l
   acknowledges a report only after its completion said durable.
 * :class:`SessionDirectory` -- which connection holds which terminal, so that a reconnecting
   terminal takes over from its stale connection.
+* :class:`MediaSink` -- where multimedia uploads (0x0801) go; ``store`` returns once the file
+  and its metadata are durable.
+* :class:`SessionRecords` and :class:`ClusterTransport` -- the online sessions of all nodes
+  (a database table) and the channel that carries commands between nodes (PostgreSQL
+  LISTEN/NOTIFY); see :mod:`ingest.cluster`.  Both take and return plain values, so the storage
+  implementations satisfy them without importing this package.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
@@ -304,6 +310,10 @@ class SessionDirectory(Protocol[H]):
         """Forget ``handle`` if it still holds ``phone``."""
         ...
 
+    def get(self, phone: str) -> H | None:
+        """The holder of ``phone``, if any."""
+        ...
+
     def holders(self) -> Iterator[H]: ...
 
 
@@ -333,3 +343,166 @@ class InMemorySessionDirectory(Generic[H]):
 
     def holders(self) -> Iterator[H]:
         return iter(list(self._holders.values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Multimedia
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class MediaRecord:
+    """One multimedia upload (0x0801, JT/T 808-2019 8.51) to store.
+
+    ``header`` is the header of the frame that completed it (its phone addresses the terminal);
+    ``media_type``/``media_format``/``event``/``channel`` are the codes of 8.50 (0 JPEG, 1 TIF,
+    2 MP3, 3 WAV, 4 WMV for the format); ``location`` is the position sent with it (None in
+    2011); ``received_at`` the server's wall-clock time of receipt.
+    """
+
+    header: Header
+    media_id: int
+    media_type: int
+    media_format: int
+    event: int
+    channel: int
+    location: Location | None
+    data: bytes
+    received_at: datetime
+
+    @property
+    def phone(self) -> str:
+        return self.header.phone
+
+
+class MediaSink(Protocol):
+    async def store(self, record: MediaRecord) -> bool:
+        """Keep ``record``; True once file and metadata are durable (fsynced and committed),
+        False if they could not be stored (the upload is then not acknowledged)."""
+        ...
+
+
+class InMemoryMediaSink:
+    """Keeps uploads in a list; ``durable = False`` makes every store fail."""
+
+    def __init__(self) -> None:
+        self.records: list[MediaRecord] = []
+        self.durable = True
+
+    async def store(self, record: MediaRecord) -> bool:
+        await trio.lowlevel.checkpoint()
+        if self.durable:
+            self.records.append(record)
+        return self.durable
+
+
+# ---------------------------------------------------------------------------------------------
+# Cluster
+
+
+class SessionRecords(Protocol):
+    """The ``sessions`` table: which node holds which terminal.
+
+    Methods never raise for database trouble: they log and report failure (the rows are
+    advisory; a node still serves its own terminals without them).
+    """
+
+    async def clear_node(self, node: str) -> bool:
+        """Remove every row of ``node`` (its stale rows at start, all of them at stop)."""
+        ...
+
+    async def online(self, phone: str, node: str, connected_since: datetime, peer: str) -> bool:
+        """Record that ``node`` holds ``phone`` (replacing any other node's row)."""
+        ...
+
+    async def offline(self, phone: str, node: str, connected_since: datetime) -> bool:
+        """Remove the row of ``phone`` if it is still the one ``node`` recorded."""
+        ...
+
+    async def locate(self, phones: Sequence[str]) -> tuple[str, str] | None:
+        """(phone, node) of the first of ``phones`` that has a row, or None."""
+        ...
+
+
+class ClusterTransport(Protocol):
+    """Carries JSON objects to a node: PostgreSQL LISTEN/NOTIFY in production."""
+
+    async def publish(self, node: str, message: Mapping[str, Any]) -> bool:
+        """Send ``message`` to ``node``; False if it could not be sent."""
+        ...
+
+    async def listen(
+        self,
+        node: str,
+        inbox: trio.MemorySendChannel[dict[str, Any]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Deliver the messages published to ``node`` into ``inbox`` until cancelled; report
+        readiness once listening."""
+        ...
+
+
+class InMemorySessionRecords:
+    """A dict standing in for the ``sessions`` table (one process, or nodes in one test)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[str, datetime, str]] = {}
+
+    async def clear_node(self, node: str) -> bool:
+        await trio.lowlevel.checkpoint()
+        for phone in [p for p, row in self.rows.items() if row[0] == node]:
+            del self.rows[phone]
+        return True
+
+    async def online(self, phone: str, node: str, connected_since: datetime, peer: str) -> bool:
+        await trio.lowlevel.checkpoint()
+        self.rows[phone] = (node, connected_since, peer)
+        return True
+
+    async def offline(self, phone: str, node: str, connected_since: datetime) -> bool:
+        await trio.lowlevel.checkpoint()
+        row = self.rows.get(phone)
+        if row is not None and row[:2] == (node, connected_since):
+            del self.rows[phone]
+        return True
+
+    async def locate(self, phones: Sequence[str]) -> tuple[str, str] | None:
+        await trio.lowlevel.checkpoint()
+        for phone in phones:
+            row = self.rows.get(phone)
+            if row is not None:
+                return phone, row[0]
+        return None
+
+
+class InMemoryTransport:
+    """Delivers messages between nodes of one process (tests)."""
+
+    def __init__(self) -> None:
+        self._inboxes: dict[str, trio.MemorySendChannel[dict[str, Any]]] = {}
+
+    async def publish(self, node: str, message: Mapping[str, Any]) -> bool:
+        inbox = self._inboxes.get(node)
+        if inbox is None:
+            await trio.lowlevel.checkpoint()
+            return False
+        try:
+            await inbox.send(dict(message))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    async def listen(
+        self,
+        node: str,
+        inbox: trio.MemorySendChannel[dict[str, Any]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        self._inboxes[node] = inbox
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            if self._inboxes.get(node) is inbox:
+                del self._inboxes[node]

@@ -111,3 +111,48 @@ class Metrics:
         self.capture_bytes = Counter(
             "jt808_capture_bytes", "Bytes written to capture files", registry=r
         )
+        # -- sub-packaged uploads
+        self.reassembly_series = Gauge(
+            "jt808_reassembly_series_in_flight", "Unfinished sub-packaged messages", registry=r
+        )
+        self.reassembly_bytes = Gauge(
+            "jt808_reassembly_bytes_in_flight", "Package bytes held for reassembly", registry=r
+        )
+        self.reassembly_completed = Counter(
+            "jt808_reassembly_completed", "Sub-packaged messages put back together", registry=r
+        )
+        self.reassembly_requests = Counter(
+            "jt808_reassembly_retransmit_requests",
+            "Requests for missing packages sent (0x8003 or 0x8800 rounds)",
+            registry=r,
+        )
+        self.reassembly_dropped = Counter(
+            "jt808_reassembly_dropped",
+            "Sub-packaged messages given up, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.media_stored = Counter(
+            "jt808_media_stored", "Multimedia uploads stored and answered 0x8800", registry=r
+        )
+        self.media_failed = Counter(
+            "jt808_media_failed", "Multimedia uploads that could not be stored", registry=r
+        )
+        # -- commands and cluster
+        self.commands = Counter(
+            "jt808_commands",
+            "Commands requested on this node, by outcome (answered or the error kind)",
+            ["outcome"],
+            registry=r,
+        )
+        self.commands_relayed = Counter(
+            "jt808_commands_relayed", "Commands other nodes relayed to this node", registry=r
+        )
+        self.command_resends = Counter(
+            "jt808_command_resends", "Commands sent again for want of an answer", registry=r
+        )
+        self.session_rows_dropped = Counter(
+            "jt808_session_rows_dropped",
+            "Online-session rows not written (queue full or database error)",
+            registry=r,
+        )

@@ -23,6 +23,18 @@ Contract
       reading and send the acks still in flight for up to ``shutdown_grace_s``, cancel what is
       left, return from :meth:`Server.run`.  Cancelling :meth:`Server.run` instead stops at once.
 
+Sub-packaged uploads: one :class:`~ingest.uploads.Uploads` per process holds the unfinished
+series of all connections (time from ``trio.current_time()``); a task sleeps until the earliest
+series deadline and sends the requests for missing packages to the connection holding the
+terminal at that moment (see :meth:`ingest.session.Session.upload_expired`).  Multimedia goes to
+the :class:`~ingest.interfaces.MediaSink`; the 0x8800 leaves once it is stored.
+
+Commands: :meth:`Server.command` runs a downlink command on whichever node holds the terminal
+(:mod:`ingest.cluster`); on the connection holding it, the command is sent, resent on the
+schedule of :func:`ingest.commands.retransmit_schedule`, and settled by the terminal's answer
+(:class:`~ingest.commands.PendingCommand`).  A connection that closes fails its waiting
+commands with :class:`~ingest.commands.TerminalOfflineError`.
+
 Capture: with ``capture_dir`` set each connection's inbound bytes are recorded; the file format
 is documented in :mod:`ingest.capture`.
 """
@@ -31,7 +43,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
+import os
 import secrets
+import socket
 from collections.abc import Callable, Iterable, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
@@ -39,19 +54,37 @@ from typing import Any
 import trio
 
 from ingest.capture import CaptureWriter
+from ingest.cluster import RELAY_MARGIN_S, ClusterRouter
+from ingest.commands import (
+    BadCommandError,
+    CommandBusyError,
+    CommandError,
+    CommandTimeoutError,
+    PendingCommand,
+    TerminalOfflineError,
+    reply_json,
+    retransmit_schedule,
+)
 from ingest.config import RECV_CHUNK_BYTES, ServerConfig
 from ingest.http import OperatorHttp
 from ingest.interfaces import (
+    ClusterTransport,
     Completion,
+    InMemoryMediaSink,
     InMemorySessionDirectory,
+    InMemorySessionRecords,
+    InMemoryTransport,
+    MediaSink,
     PositionSink,
     SessionDirectory,
+    SessionRecords,
     TerminalRegistry,
 )
 from ingest.metrics import Metrics, msg_label
 from ingest.session import (
     STORED_MSG_IDS,
     Action,
+    Answer,
     Authenticate,
     Claim,
     Close,
@@ -62,9 +95,14 @@ from ingest.session import (
     Session,
     SessionPolicy,
     Store,
+    StoreMedia,
 )
+from ingest.uploads import Uploads
 from protocol.codec import Packet, StreamDecoder
-from protocol.errors import RemoteProtocolError
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.messages.base import Fragment, Message
+from protocol.messages.control import TerminalRetransmitRequest
+from protocol.reassembly import Dropped, ReassemblyLimits, RetransmitRequest
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +117,16 @@ def _auth_code() -> str:
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def default_node_id() -> str:
+    """``hostname:pid``: unique per server process, also among the workers of one host."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# Commands waiting for one terminal's answers.  Terminals work through commands one at a time;
+# more than a few outstanding is an operator's script gone wrong, answered "busy".
+MAX_PENDING_COMMANDS = 16
 
 
 class _TerminalLog(logging.LoggerAdapter[logging.Logger]):
@@ -98,9 +146,10 @@ class Server:
     """The terminal-facing server.
 
     ``sink`` receives :class:`~ingest.interfaces.PositionRecord` batches, ``registry`` decides
-    registrations and authentications.  ``directory`` defaults to an in-process one;
-    ``metrics`` to a fresh registry.  ``new_auth_code`` and ``wall_clock`` are injectable for
-    tests.
+    registrations and authentications, ``media`` keeps multimedia uploads.  ``sessions`` and
+    ``transport`` connect the node to the others (the ``sessions`` table and LISTEN/NOTIFY);
+    without them the node is alone.  ``directory`` defaults to an in-process one; ``metrics``
+    to a fresh registry.  ``new_auth_code`` and ``wall_clock`` are injectable for tests.
     """
 
     def __init__(
@@ -113,6 +162,9 @@ class Server:
         metrics: Metrics | None = None,
         new_auth_code: Callable[[], str] = _auth_code,
         wall_clock: Callable[[], datetime] = _utc_now,
+        media: MediaSink | None = None,
+        sessions: SessionRecords | None = None,
+        transport: ClusterTransport | None = None,
     ) -> None:
         self.config = config
         self.sink = sink
@@ -129,6 +181,26 @@ class Server:
         self.dedup = DedupCache(
             window_s=config.dedup_window_s, max_entries=config.dedup_max_entries
         )
+        self.media: MediaSink = media if media is not None else InMemoryMediaSink()
+        self.node_id = config.node_id or default_node_id()
+        self.uploads = Uploads(
+            ReassemblyLimits(
+                package_timeout_s=config.reassembly_timeout_s,
+                retransmit_timeout_s=config.reassembly_timeout_s,
+                max_retransmit_rounds=config.reassembly_rounds,
+            )
+        )
+        self.command_schedule = retransmit_schedule(
+            config.command_timeout_s, config.command_retries
+        )
+        self.cluster = ClusterRouter(
+            node=self.node_id,
+            sessions=sessions if sessions is not None else InMemorySessionRecords(),
+            transport=transport if transport is not None else InMemoryTransport(),
+            execute_local=self.execute_local,
+            relay_timeout_s=sum(self.command_schedule) + RELAY_MARGIN_S,
+            metrics=self.metrics,
+        )
         self.ports: list[int] = []
         self.accepting = False
         self._connections: set[_Connection] = set()
@@ -136,6 +208,12 @@ class Server:
         self._limiter = trio.CapacityLimiter(config.max_connections)
         self._shutdown = trio.Event()
         self._all_closed: trio.Event | None = None
+        self._uploads_changed = trio.Event()
+        self._series_seen = 0
+        self._uploads_reported: dict[str, int] = {}
+        self._completed_reported = 0
+        self.metrics.reassembly_series.set_function(lambda: self.uploads.series_in_flight)
+        self.metrics.reassembly_bytes.set_function(lambda: self.uploads.bytes_in_flight)
         self.metrics.connections_open.set_function(lambda: len(self._connections))
         self.metrics.sessions.set_function(
             lambda: sum(1 for c in self._connections if c.session.authenticated)
@@ -154,10 +232,17 @@ class Server:
             listeners = await trio.open_tcp_listeners(config.port, host=config.host)
         self.ports = [listener.socket.getsockname()[1] for listener in listeners]
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.cluster.run)
+            nursery.start_soon(self._drive_uploads, nursery)
             accept_scope = trio.CancelScope()
             nursery.start_soon(self._accept, listeners, nursery, accept_scope)
             self.accepting = True
-            logger.info("listening for terminals on %s port(s) %s", config.host, self.ports)
+            logger.info(
+                "node %s listening for terminals on %s port(s) %s",
+                self.node_id,
+                config.host,
+                self.ports,
+            )
             task_status.started(self.ports)
             await self._shutdown.wait()
 
@@ -191,11 +276,98 @@ class Server:
             registry=self.metrics.registry,
             terminals=self.terminals,
             healthy=lambda: self.accepting,
+            command=self.command,
         )
 
     def terminals(self) -> list[dict[str, Any]]:
-        """Online (authenticated) sessions, for ``/terminals``."""
+        """Online (authenticated) sessions of this node, for ``/terminals``."""
         return [c.describe() for c in self._connections if c.session.authenticated]
+
+    # -- commands
+
+    async def command(self, phone: str, msg_id: object, body: object) -> dict[str, Any]:
+        """Run a command given as JSON (see :mod:`ingest.commands`) on the terminal ``phone``,
+        wherever it is connected; returns the JSON answer.  Raises
+        :class:`~ingest.commands.CommandError` subclasses (offline, timeout, bad request, ...).
+        """
+        try:
+            result = await self.cluster.command(phone, msg_id, body)
+        except CommandError as error:
+            self.metrics.commands.labels(error.kind).inc()
+            raise
+        self.metrics.commands.labels("answered").inc()
+        return result
+
+    async def execute_local(self, phone: str, message: Message) -> dict[str, Any] | None:
+        """Run ``message`` on this node's connection to ``phone`` (exactly as the header
+        spells it); None if this node holds no authenticated session of it."""
+        connection = self.directory.get(phone)
+        if connection is None or not connection.session.authenticated:
+            return None
+        return await connection.command(message)
+
+    # -- uploads
+
+    def uploads_touched(self) -> None:
+        """A package was fed: wake the deadline task for a new series, update the metrics."""
+        series = self.uploads.series_in_flight
+        if series > self._series_seen:
+            self._uploads_changed.set()
+        self._series_seen = series
+        self._report_uploads()
+
+    async def _drive_uploads(self, nursery: trio.Nursery) -> None:
+        """Sleep until the earliest series deadline (or a new series), then expire."""
+        while True:
+            deadline = self.uploads.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._uploads_changed.wait()
+            if self._uploads_changed.is_set():
+                self._uploads_changed = trio.Event()
+            for expiry in self.uploads.expire(trio.current_time()):
+                if isinstance(expiry, RetransmitRequest):
+                    self._request_missing(expiry, nursery)
+                else:
+                    self._given_up(expiry)
+            self._series_seen = self.uploads.series_in_flight
+            self._report_uploads()
+
+    def _request_missing(self, request: RetransmitRequest, nursery: trio.Nursery) -> None:
+        phone = request.key.phone
+        connection = self.directory.get(phone)
+        if connection is None or connection.stopping():
+            logger.info(
+                "phone=%s 0x%04x from serial %s incomplete and the terminal is not connected",
+                phone,
+                request.key.msg_id,
+                request.key.first_serial,
+            )
+            return
+        self.metrics.reassembly_requests.inc()
+        actions = connection.session.upload_expired(request, self.uploads.media_id(request.key))
+        nursery.start_soon(connection.perform, actions)
+
+    def _given_up(self, dropped: Dropped) -> None:
+        logger.warning(
+            "phone=%s gave up 0x%04x from serial %s: %s of %s packages missing (%s)",
+            dropped.key.phone,
+            dropped.key.msg_id,
+            dropped.key.first_serial,
+            len(dropped.missing),
+            dropped.key.total,
+            dropped.reason,
+        )
+
+    def _report_uploads(self) -> None:
+        for reason, count in self.uploads.dropped.items():
+            before = self._uploads_reported.get(reason, 0)
+            if count != before:
+                self.metrics.reassembly_dropped.labels(reason).inc(count - before)
+                self._uploads_reported[reason] = count
+        completed = self.uploads.completed
+        if completed != self._completed_reported:
+            self.metrics.reassembly_completed.inc(completed - self._completed_reported)
+            self._completed_reported = completed
 
     # -- connections
 
@@ -229,8 +401,9 @@ class Server:
             self._connections.discard(connection)
             self._limiter.release_on_behalf_of(stream)
             phone = connection.session.phone
-            if phone is not None:
+            if phone is not None and self.directory.get(phone) is connection:
                 self.directory.release(phone, connection)
+                self.cluster.offline(phone, connection.connected_since)
             self.metrics.connections_closed.labels(connection.close_reason_label).inc()
             connection.log.info("closed: %s", connection.close_reason)
             await connection.cleanup()
@@ -239,6 +412,7 @@ class Server:
 
     def claim(self, connection: _Connection, phone: str) -> None:
         previous = self.directory.claim(phone, connection)
+        self.cluster.online(phone, connection.connected_since, connection.peer)
         if previous is not None:
             self.metrics.takeovers.inc()
             connection.log.info(
@@ -270,7 +444,10 @@ class _Connection:
         self.number = number
         self.peer = _peer_name(stream)
         self.session = Session(
-            policy=server.policy, dedup=server.dedup, new_auth_code=server.new_auth_code
+            policy=server.policy,
+            dedup=server.dedup,
+            new_auth_code=server.new_auth_code,
+            uploads=server.uploads,
         )
         self.decoder = StreamDecoder(
             max_frame_bytes=self.config.max_frame_bytes,
@@ -294,6 +471,8 @@ class _Connection:
             tuple[int, Completion]
         ](self.config.max_unacked + 1)
         self._capture: CaptureWriter | None = None
+        self._commands: list[PendingCommand] = []  # oldest first, at most MAX_PENDING_COMMANDS
+        self._closed = False
         self._buffered_reported = 0
         self._in_flight_reported = 0
         self._counted = (0, 0)
@@ -314,6 +493,7 @@ class _Connection:
     def describe(self) -> dict[str, Any]:
         return {
             "phone": self.session.phone,
+            "node": self.server.node_id,
             "edition": int(self.session.edition) if self.session.edition else None,
             "peer": self.peer,
             "connected_since": self.connected_since.isoformat(),
@@ -397,6 +577,8 @@ class _Connection:
             now = trio.current_time()
         actions = self.session.receive(event, now=now, wall=self.last_seen)
         self._count_session()
+        if isinstance(event.message, Fragment):
+            self.server.uploads_touched()
         await self._perform(actions)
 
     async def _wait_for_room(self) -> None:
@@ -430,7 +612,79 @@ class _Connection:
             self._progress.set()
             self._progress = trio.Event()
 
+    # -- commands
+
+    async def command(self, message: Message) -> dict[str, Any]:
+        """Send a command, resend it on the schedule, return the JSON of its answer."""
+        if self._closed or self.stopping():
+            raise TerminalOfflineError(f"terminal {self.phone} is disconnecting")
+        if len(self._commands) >= MAX_PENDING_COMMANDS:
+            raise CommandBusyError(f"{len(self._commands)} commands wait for {self.phone}")
+        try:
+            serials, wires = self.session.downlink(message)
+        except LocalProtocolError as exc:
+            raise BadCommandError(f"0x{message.msg_id:04x} does not fit: {exc}") from exc
+        pending = PendingCommand(message=message, serials=serials, wires=wires)
+        self._commands.append(pending)
+        self.log.info("command 0x%04x serial %s", pending.msg_id, pending.serial)
+        schedule = self.server.command_schedule
+        try:
+            for attempt, wait_s in enumerate(schedule):
+                if pending.acknowledged is None:
+                    if attempt:
+                        self.metrics.command_resends.inc()
+                        self.log.info(
+                            "no answer to 0x%04x serial %s: sending again",
+                            pending.msg_id,
+                            pending.serial,
+                        )
+                    pending.attempts += 1
+                    for wire in wires:
+                        await self._send_wire(wire)
+                with trio.move_on_after(wait_s):
+                    await pending.done.wait()
+                if pending.done.is_set():
+                    break
+        finally:
+            self._commands.remove(pending)
+        if pending.error is not None:
+            raise pending.error
+        reply = pending.reply or pending.acknowledged
+        if reply is None:
+            raise CommandTimeoutError(
+                f"no answer to 0x{pending.msg_id:04x} from {self.phone} after "
+                f"{pending.attempts} sending(s) in {sum(schedule):g} s"
+            )
+        phone = self.phone or "?"
+        return reply_json(phone=phone, node=self.server.node_id, command=pending, reply=reply)
+
+    async def _answer(self, packet: Packet) -> None:
+        message = packet.message
+        if isinstance(message, TerminalRetransmitRequest):
+            for pending in self._commands:
+                if pending.serial == message.original_serial:
+                    self.log.info(
+                        "terminal asks for packages %s of 0x%04x again",
+                        message.packet_ids,
+                        pending.msg_id,
+                    )
+                    for wire in pending.packages(message.packet_ids):
+                        await self._send_wire(wire)
+                    return
+            self.log.info("0x0005 for serial %s matches no command", message.original_serial)
+            return
+        for pending in self._commands:
+            if pending.offer(packet):
+                self.log.info("answer 0x%04x to command 0x%04x", packet.msg_id, pending.msg_id)
+                return
+        self.log.debug("answer 0x%04x matches no waiting command", packet.msg_id)
+
     # -- actions
+
+    async def perform(self, actions: Iterable[Action]) -> None:
+        """Perform actions from outside the connection's own tasks (upload deadlines)."""
+        if not self._closed:
+            await self._perform(actions)
 
     async def _perform(self, actions: Iterable[Action]) -> None:
         for action in actions:
@@ -452,6 +706,13 @@ class _Connection:
                     await self._perform(self.session.authentication_done(action, ok, now=now))
                 case Claim():
                     self.server.claim(self, action.phone)
+                case StoreMedia():
+                    stored = await self.server.media.store(action.record)
+                    (self.metrics.media_stored if stored else self.metrics.media_failed).inc()
+                    now = trio.current_time()
+                    await self._perform(self.session.media_done(action, stored, now=now))
+                case Answer():
+                    await self._answer(action.packet)
                 case Close():
                     if not self._stop_reading:
                         self.close_reason = action.reason
@@ -469,18 +730,24 @@ class _Connection:
         await self._completions_in.send((action.ticket, completion))
 
     async def _send(self, action: Send) -> None:
+        if await self._send_wire(action.wire) and action.acked_at is not None:
+            self.metrics.ack_latency.observe(trio.current_time() - action.acked_at)
+
+    async def _send_wire(self, wire: bytes) -> bool:
+        """Write one frame; False (and the connection closing) if it could not be written."""
+        if self._closed:
+            return False
         async with self._send_lock:
             try:
                 with trio.fail_after(self.config.send_timeout_s):
-                    await self.stream.send_all(action.wire)
+                    await self.stream.send_all(wire)
             except trio.TooSlowError:
                 self._abort("send timeout")
-                return
+                return False
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._abort(f"peer error: {exc!r}")
-                return
-        if action.acked_at is not None:
-            self.metrics.ack_latency.observe(trio.current_time() - action.acked_at)
+                return False
+        return True
 
     def _abort(self, reason: str) -> None:
         self.close_reason = reason
@@ -530,7 +797,11 @@ class _Connection:
         self.metrics.capture_bytes.inc(written)
 
     async def cleanup(self) -> None:
-        """Undo this connection's share of the gauges, close capture and socket."""
+        """Fail waiting commands, undo this connection's share of the gauges, close capture
+        and socket."""
+        self._closed = True
+        for pending in self._commands:
+            pending.fail(TerminalOfflineError(f"terminal {self.phone} disconnected"))
         self.metrics.buffered_bytes.dec(self._buffered_reported)
         self.metrics.unacked.dec(self._in_flight_reported)
         self._buffered_reported = self._in_flight_reported = 0

@@ -12,6 +12,8 @@ action                 the server does                          and then calls
 :class:`Register`      ``registry.register(request)``           :meth:`Session.registration_done`
 :class:`Authenticate`  ``registry.authenticate(request)``       :meth:`Session.authentication_done`
 :class:`Claim`         takes the phone over in the directory    --
+:class:`StoreMedia`    ``media.store(record)``, awaits it       :meth:`Session.media_done`
+:class:`Answer`        hands it to the command waiting for it   --
 :class:`Close`         stops reading, drains if asked, closes   --
 :class:`Log`           logs with the terminal's phone           --
 =====================  =======================================  ==============================
@@ -25,12 +27,24 @@ that registered on an earlier connection authenticates straight away).  Rules, J
   connection.
 * 0x0100 -> 0x8100 (table 9 result; an auth code on success); 0x0102 -> 0x8001 0 or 1;
   0x0002 -> 0x8001 0; 0x0003 -> 0x8001 0 then close; 0x0200/0x0704 -> store, 0x8001 0.
+* 0x0800 multimedia event -> 0x8001 0; 0x0801 multimedia data -> :class:`StoreMedia`, then
+  0x8800 without retransmit ids once stored (8.51, 8.52); nothing if it could not be stored.
+* Answers to downlink commands (0x0001, 0x0104, 0x0201, ... see :mod:`ingest.commands`) are
+  not answered; they become :class:`Answer` actions.  0x0702 driver identity, which terminals
+  also report on their own, is answered 0x8001 0 as well.
 * A frame that does not decode but whose header could be read is answered 0x8001 result 2
-  (message error) with its serial; the connection goes on.  Ids we do not handle (and
-  sub-packages, until reassembly is wired) get 0x8001 result 3.  Terminal responses (0x0001)
-  are not answered.
+  (message error) with its serial; the connection goes on.  Ids we do not handle get 0x8001
+  result 3.
 * The first frame binds the connection to its phone; frames for another phone are refused.
 * Replies use the edition and the phone string of the frame they answer.
+
+Sub-packages (clause 4.4.3) go to the process' :class:`~ingest.uploads.Uploads`.  Every
+package is acknowledged with 0x8001 as it arrives (result 0; the reassembler's result code when
+it refuses one), except the package that completes a position message (0x0200/0x0704): its
+0x8001 is the acknowledgement of the whole message and, like any report's, waits for storage.
+The completed message is then handled like one that came in one frame, under the header of
+the completing package.  :meth:`Session.upload_expired` turns a series past its deadline into
+0x8003 (or 0x8800 naming the missing packages, for multimedia).
 
 Acknowledgements: with ``ack="durable"`` a report's 0x8001 goes out only after
 :meth:`Session.storage_done` said its batch is durable, and acks leave in the order the reports
@@ -52,22 +66,33 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Literal
 
+from ingest.commands import ANSWER_MSG_IDS
 from ingest.interfaces import (
     AuthRequest,
+    MediaRecord,
     PositionRecord,
     RegistrationOutcome,
     RegistrationRequest,
 )
-from protocol.codec import Packet, encode
+from ingest.uploads import Uploads
+from protocol.codec import MAX_BODY, Packet, encode, encode_split
 from protocol.errors import (
     RESULT_FAILURE,
+    RESULT_MESSAGE_ERROR,
     RESULT_NOT_SUPPORTED,
     RESULT_SUCCESS,
     RemoteProtocolError,
 )
 from protocol.header import Edition, Header
-from protocol.messages.base import Message
+from protocol.messages.base import Fragment, Message
+from protocol.messages.control import PlatformRetransmitRequest
 from protocol.messages.location import Location, LocationBatch, LocationReport
+from protocol.messages.multimedia import (
+    MultimediaData,
+    MultimediaEvent,
+    MultimediaUploadResponse,
+)
+from protocol.messages.recorder import DriverIdentity
 from protocol.messages.terminal import (
     REGISTER_OK,
     Heartbeat,
@@ -78,6 +103,15 @@ from protocol.messages.terminal import (
     TerminalRegister,
     TerminalRegisterResponse,
 )
+from protocol.reassembly import (
+    Duplicate,
+    Reassembled,
+    Refused,
+    RetransmitRequest,
+    Stored,
+    Undecodable,
+    max_retransmit_ids,
+)
 
 MSG_REGISTER = TerminalRegister.MSG_ID
 MSG_AUTH = TerminalAuth.MSG_ID
@@ -87,6 +121,8 @@ STORED_MSG_IDS = frozenset({LocationReport.MSG_ID, LocationBatch.MSG_ID})
 PRE_AUTH_MSG_IDS = frozenset({MSG_REGISTER, MSG_AUTH, MSG_LOGOUT})
 
 SERIAL_MODULUS = 0x10000  # serials are WORDs (table 3)
+# 0x8800 counts its retransmit ids in a BYTE (8.52).
+MAX_MEDIA_RETRANSMIT_IDS = 0xFF
 
 
 class SessionState(enum.Enum):
@@ -158,7 +194,24 @@ class Log:
     args: tuple[object, ...] = ()
 
 
-Action = Send | Store | Register | Authenticate | Claim | Close | Log
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class StoreMedia:
+    """Store a multimedia upload; answer with :meth:`Session.media_done`."""
+
+    header: Header
+    edition: Edition
+    record: MediaRecord
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Answer:
+    """A terminal's answer to a downlink command (0x0001, 0x0104, ...), or its request to
+    resend packages of one (0x0005)."""
+
+    packet: Packet
+
+
+Action = Send | Store | Register | Authenticate | Claim | StoreMedia | Answer | Close | Log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +299,7 @@ class Session:
         policy: SessionPolicy,
         dedup: DedupCache,
         new_auth_code: Callable[[], str],
+        uploads: Uploads | None = None,
     ) -> None:
         self.policy = policy
         self.state = SessionState.NEW
@@ -257,6 +311,9 @@ class Session:
         self.last_seen: float | None = None
         self._dedup = dedup
         self._new_auth_code = new_auth_code
+        # Shared by the connections of a process; a private one serves a lone session.
+        self._uploads = uploads if uploads is not None else Uploads()
+        self._header: Header | None = None  # of the last frame: addresses commands
         self._next_serial = 0
         self._next_ticket = 0
         self._in_flight: dict[int, _Ticket] = {}
@@ -300,12 +357,22 @@ class Session:
                 packet, "frame 0x%04x for another phone %s", packet.msg_id, packet.phone
             )
         self.edition = packet.edition
+        self._header = packet.header
         message = packet.message
         msg_id = packet.msg_id
         if isinstance(message, TerminalGeneralResponse):
-            return [Log(logging.DEBUG, "terminal response to 0x%04x", (message.reply_msg_id,))]
+            return [Answer(packet)]
         if not self.authenticated and msg_id not in PRE_AUTH_MSG_IDS:
             return self._refuse(packet, "0x%04x before authentication", msg_id)
+        if isinstance(message, Fragment):
+            return self._fragment(packet, now, wall)
+        return self._dispatch(packet, now, wall)
+
+    def _dispatch(self, packet: Packet, now: float, wall: datetime) -> list[Action]:
+        """A whole message (from one frame, or reassembled) of an authenticated terminal,
+        or one of the messages allowed before authentication."""
+        message = packet.message
+        msg_id = packet.msg_id
         if isinstance(message, TerminalRegister):
             return [self._register(packet, message, wall)]
         if isinstance(message, TerminalAuth):
@@ -324,6 +391,26 @@ class Session:
         if isinstance(message, LocationBatch):
             batch = [(message.batch_type, i, p) for i, p in enumerate(message.positions)]
             return self._store(packet, batch, now, wall)
+        if isinstance(message, MultimediaData):
+            return [self._store_media(packet, message, wall)]
+        if isinstance(message, MultimediaEvent):
+            log = Log(
+                logging.INFO,
+                "multimedia event: media %s type %s format %s event %s channel %s",
+                (
+                    message.media_id,
+                    message.media_type,
+                    message.media_format,
+                    message.event,
+                    message.channel,
+                ),
+            )
+            return [log, self._reply(packet.header, packet.edition, RESULT_SUCCESS)]
+        if msg_id == DriverIdentity.MSG_ID:
+            # Answers 0x8702, and is also reported on its own when a card is inserted (8.48).
+            return [Answer(packet), self._reply(packet.header, packet.edition, RESULT_SUCCESS)]
+        if msg_id in ANSWER_MSG_IDS:
+            return [Answer(packet)]
         return [
             Log(logging.INFO, "0x%04x not supported (%s)", (msg_id, type(message).__name__)),
             self._reply(packet.header, packet.edition, RESULT_NOT_SUPPORTED),
@@ -376,6 +463,87 @@ class Session:
             self.state = SessionState.NEW
         return [send, *self._failure("authentication failed")]
 
+    def media_done(self, action: StoreMedia, stored: bool, *, now: float) -> list[Action]:
+        """The media sink's answer to a :class:`StoreMedia`: 0x8800 (all received) if stored."""
+        record = action.record
+        if not stored:
+            return [
+                Log(
+                    logging.ERROR,
+                    "multimedia %s could not be stored; not acknowledged",
+                    (record.media_id,),
+                )
+            ]
+        response = MultimediaUploadResponse(media_id=record.media_id, retransmit_ids=())
+        return [
+            Log(
+                logging.INFO, "stored multimedia %s (%s bytes)", (record.media_id, len(record.data))
+            ),
+            self._send(response, action.header, action.edition),
+        ]
+
+    def upload_expired(self, request: RetransmitRequest, media_id: int | None) -> list[Action]:
+        """A series of this terminal is past its deadline: ask for the missing packages.
+
+        Multimedia (0x0801) with a known ``media_id`` is asked with 0x8800 and the missing
+        package indexes (8.52); everything else with 0x8003, the series' first serial and the
+        missing package indexes (8.4).  Long lists are split over several messages.
+        """
+        if self.closed:
+            return []
+        key, header = request.key, request.header
+        edition = header.layout
+        log = Log(
+            logging.INFO,
+            "0x%04x from serial %s: %s of %s packages missing, request %s",
+            (key.msg_id, key.first_serial, len(request.missing), key.total, request.round),
+        )
+        sends: list[Action] = [log]
+        if key.msg_id == MultimediaData.MSG_ID and media_id is not None:
+            for ids in request.batches(MAX_MEDIA_RETRANSMIT_IDS):
+                response = MultimediaUploadResponse(media_id=media_id, retransmit_ids=ids)
+                sends.append(self._send(response, header, edition))
+            return sends
+        for ids in request.batches(max_retransmit_ids(edition)):
+            retransmit = PlatformRetransmitRequest(original_serial=key.first_serial, packet_ids=ids)
+            sends.append(self._send(retransmit, header, edition))
+        return sends
+
+    def downlink(self, message: Message) -> tuple[tuple[int, ...], tuple[bytes, ...]]:
+        """Encode a command for this terminal: its serials and wire frames.
+
+        Addressed like the terminal's last frame (phone string, edition, protocol version);
+        a body longer than one frame is split into packages with consecutive serials.  Raises
+        :class:`~protocol.errors.LocalProtocolError` when the message does not fit its schema,
+        :class:`RuntimeError` when no frame arrived yet.
+        """
+        header, edition = self._header, self.edition
+        if header is None or edition is None:
+            raise RuntimeError("no frame from the terminal yet")
+        body = message.encode(edition)
+        version = header.protocol_version or 1
+        if len(body) <= MAX_BODY:
+            serial = self._take_serials(1)
+            wire = encode(
+                message,
+                phone=header.phone,
+                serial=serial,
+                edition=edition,
+                protocol_version=version,
+            )
+            return (serial,), (wire,)
+        count = -(-len(body) // MAX_BODY)
+        first = self._take_serials(count)
+        wires = encode_split(
+            message,
+            phone=header.phone,
+            first_serial=first,
+            edition=edition,
+            protocol_version=version,
+        )
+        serials = tuple((first + i) % SERIAL_MODULUS for i in range(len(wires)))
+        return serials, tuple(wires)
+
     def storage_done(self, ticket: int, durable: bool, *, now: float) -> list[Action]:
         """Storage settled the batch of a :class:`Store` action."""
         entry = self._in_flight.pop(ticket)
@@ -395,6 +563,75 @@ class Session:
         return actions
 
     # -- helpers
+
+    def _fragment(self, packet: Packet, now: float, wall: datetime) -> list[Action]:
+        result = self._uploads.feed(packet, now=now)
+        actions: list[Action] = [
+            Log(
+                logging.WARNING,
+                "gave up 0x%04x from serial %s (%s): %s",
+                (d.key.msg_id, d.key.first_serial, d.reason, d.error.detail),
+            )
+            for d in result.dropped
+        ]
+        outcome = result.outcome
+        header, edition = packet.header, packet.edition
+        match outcome:
+            case Stored() | Duplicate():
+                actions.append(self._reply(header, edition, RESULT_SUCCESS))
+            case Refused():
+                actions.append(self._reply(header, edition, outcome.error.result_code))
+            case Undecodable():
+                actions.append(
+                    Log(
+                        logging.WARNING,
+                        "reassembled 0x%04x does not decode (%s): %s",
+                        (outcome.key.msg_id, outcome.error.kind, outcome.error.detail),
+                    )
+                )
+                actions.append(self._reply(header, edition, RESULT_MESSAGE_ERROR))
+            case Reassembled():
+                whole = Packet(
+                    header=header,
+                    message=outcome.packet.message,
+                    edition=outcome.packet.edition,
+                    quirks=outcome.packet.quirks,
+                )
+                actions.append(
+                    Log(
+                        logging.DEBUG,
+                        "reassembled 0x%04x from %s packages",
+                        (outcome.key.msg_id, outcome.key.total),
+                    )
+                )
+                handled = self._dispatch(whole, now, wall)
+                answered = any(
+                    isinstance(a, Send) and isinstance(a.message, PlatformGeneralResponse)
+                    for a in handled
+                )
+                if outcome.key.msg_id not in STORED_MSG_IDS and not answered:
+                    actions.append(self._reply(header, edition, RESULT_SUCCESS))
+                actions.extend(handled)
+        return actions
+
+    def _store_media(self, packet: Packet, message: MultimediaData, wall: datetime) -> StoreMedia:
+        record = MediaRecord(
+            header=packet.header,
+            media_id=message.media_id,
+            media_type=message.media_type,
+            media_format=message.media_format,
+            event=message.event,
+            channel=message.channel,
+            location=message.location,
+            data=message.data,
+            received_at=wall,
+        )
+        return StoreMedia(header=packet.header, edition=packet.edition, record=record)
+
+    def _take_serials(self, count: int) -> int:
+        first = self._next_serial
+        self._next_serial = (first + count) % SERIAL_MODULUS
+        return first
 
     def _register(self, packet: Packet, message: TerminalRegister, wall: datetime) -> Register:
         request = RegistrationRequest(
@@ -498,8 +735,7 @@ class Session:
     def _send(
         self, message: Message, header: Header, edition: Edition, acked_at: float | None = None
     ) -> Send:
-        serial = self._next_serial
-        self._next_serial = (serial + 1) % SERIAL_MODULUS
+        serial = self._take_serials(1)
         wire = encode(
             message,
             phone=header.phone,

@@ -42,6 +42,15 @@ Database administration
 * :func:`database_dsn` / :func:`embedded_postgres` -- a private PostgreSQL when no DSN is
   configured (optional extra ``embedded``).
 
+Multimedia and the cluster
+==========================
+
+* :class:`MediaStore` (:mod:`storage.media`) -- 0x0801 uploads as fsynced files under a media
+  directory plus a ``multimedia`` row; ``await store.save(MediaFile(...))``.
+* :class:`SessionTable` and :class:`NotifyBus` (:mod:`storage.sessions`) -- the ``sessions``
+  table of online terminals per node, and JSON messages between nodes over LISTEN/NOTIFY
+  (commands relayed to the node holding a terminal).
+
 Metrics are in :mod:`storage.metrics` (prometheus_client, default registry).
 """
 
@@ -49,6 +58,7 @@ from __future__ import annotations
 
 from storage.embedded import database_dsn, embedded_postgres
 from storage.errors import StorageError, WriterClosedError
+from storage.media import MediaFile, MediaStore, StoredMedia, media_path
 from storage.reports import export_positions_csv, positions_per_unit, refresh_daily_stats
 from storage.rows import COLUMNS, PositionRow, encode_copy_binary, position_row, position_rows
 from storage.schema import (
@@ -59,6 +69,7 @@ from storage.schema import (
     ensure_partitions,
     migrate,
 )
+from storage.sessions import NotifyBus, SessionTable
 from storage.spool import Spool
 from storage.terminals import Registration, TerminalRecord, TerminalStore
 from storage.writer import Completion, Durability, PositionWriter, WriterConfig
@@ -68,11 +79,16 @@ __all__ = [
     "MIGRATIONS",
     "Completion",
     "Durability",
+    "MediaFile",
+    "MediaStore",
+    "NotifyBus",
     "PositionRow",
     "PositionWriter",
     "Registration",
+    "SessionTable",
     "Spool",
     "StorageError",
+    "StoredMedia",
     "TerminalRecord",
     "TerminalStore",
     "TimescaleOptions",
@@ -85,6 +101,7 @@ __all__ = [
     "encode_copy_binary",
     "ensure_partitions",
     "export_positions_csv",
+    "media_path",
     "migrate",
     "position_row",
     "position_rows",

@@ -147,3 +147,23 @@ def test_usage_errors_exit_2() -> None:
     with pytest.raises(SystemExit) as exc:
         parse("--ack", "maybe")
     assert exc.value.code == 2
+
+
+def test_upload_command_and_cluster_settings(tmp_path: Path) -> None:
+    config = load_config(
+        parse("--node-id", "edge-1", "--media-dir", str(tmp_path)),
+        {"JT808_COMMAND_TIMEOUT_S": "5", "JT808_COMMAND_RETRIES": "3"},
+    )
+    assert (config.node_id, config.media_dir) == ("edge-1", tmp_path)
+    assert (config.command_timeout_s, config.command_retries) == (5.0, 3)
+    defaults = ServerConfig()
+    assert (defaults.node_id, defaults.media_dir) == (None, None)
+    assert (defaults.reassembly_timeout_s, defaults.reassembly_rounds) == (30.0, 3)
+    for bad in (
+        {"command_retries": -1},
+        {"command_timeout_s": 0.0},
+        {"reassembly_timeout_s": float("inf")},
+        {"node_id": " "},
+    ):
+        with pytest.raises(ConfigError):
+            ServerConfig(**bad)  # type: ignore[arg-type]

@@ -3,12 +3,14 @@ unauthenticated terminals write nothing, SIGKILL right after an ack loses nothin
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,14 +20,30 @@ import pytest
 import trio
 
 from ingest import Server, ServerConfig
+from protocol import encode_split
 from protocol.header import Edition
-from protocol.messages.location import LocationBatch
+from protocol.messages.control import LocationQuery
+from protocol.messages.location import Location, LocationBatch, LocationQueryResponse
+from protocol.messages.multimedia import MultimediaData, MultimediaUploadResponse
 from storage import PositionWriter, Spool, TerminalStore, migrate
 from tests.storage_fixtures import pg_dsn, pg_schema_dsn  # noqa: F401
 from tests.terminal_client import Terminal, location
+from tools import cli
 from tools.serve_cmd import DatabaseRegistry, WriterSink
 
 pytestmark = pytest.mark.db
+
+# The location basic information (table 23) without additional items, as 0x0801 carries it.
+BASIC_FIELDS = (
+    "alarm",
+    "status",
+    "latitude",
+    "longitude",
+    "altitude_m",
+    "speed",
+    "direction",
+    "time",
+)
 
 
 def _count(dsn: str, phone: str) -> int:
@@ -142,6 +160,7 @@ def _start_server(dsn: str, data_dir: Path, port: int, *extra: str) -> subproces
             str(_free_port()),
             "--data-dir",
             str(data_dir),
+            *extra,  # later flags win: extra may override the ones above
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -223,3 +242,65 @@ async def test_two_worker_processes_share_the_port_and_stop_cleanly(
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
+
+
+def _session_nodes(dsn: str) -> dict[str, str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT phone, node FROM sessions").fetchall()
+    return {str(phone): str(node) for phone, node in rows}
+
+
+async def test_the_served_app_records_sessions_answers_commands_and_stores_media(
+    db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port, http_port = _free_port(), _free_port()
+    node_id = f"e2e-{uuid.uuid4().hex[:8]}"
+    process = _start_server(db, tmp_path, port, "--http-port", str(http_port), "--node-id", node_id)
+    try:
+        with trio.fail_after(30):
+            terminal = await Terminal.connect(port, "13900000201")
+            await terminal.login()
+            phone = terminal.wire_phone
+            while _session_nodes(db).get(phone) != node_id:  # noqa: ASYNC110 - polls the database
+                await trio.sleep(0.05)
+
+            async def answer_location() -> None:
+                command = await terminal.receive()
+                assert isinstance(command.message, LocationQuery)
+                await terminal.send(
+                    LocationQueryResponse(reply_serial=command.serial, location=location(3))
+                )
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(answer_location)
+                url = f"http://127.0.0.1:{http_port}"
+                argv = ["send", "13900000201", "0x8201", "--http", url]
+                assert await trio.to_thread.run_sync(cli.main, argv) == 0
+            answer = json.loads(capsys.readouterr().out)
+            assert (answer["node"], answer["reply"]["msg_id"]) == (node_id, "0x0201")
+
+            photo = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8 + b"\xff\xd9"
+            fix = location(4)
+            upload = MultimediaData(
+                media_id=5,
+                media_type=0,
+                media_format=0,
+                event=0,
+                channel=1,
+                location=Location(**{f: getattr(fix, f) for f in BASIC_FIELDS}),
+                data=photo,
+            )
+            wires = encode_split(upload, phone=terminal.phone, first_serial=50, max_body=300)
+            for wire in wires:
+                await terminal.stream.send_all(wire)
+            replies = [(await terminal.receive()).message for _ in range(len(wires) + 1)]
+            assert replies[-1] == MultimediaUploadResponse(media_id=5)
+            assert (tmp_path / "media" / phone / "5.jpg").read_bytes() == photo
+            await terminal.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT media_id, size_bytes FROM multimedia").fetchone()
+    assert row == (5, len(photo))
+    assert phone not in _session_nodes(db)  # removed on disconnect, and the node's rows at stop

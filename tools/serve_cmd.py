@@ -2,7 +2,8 @@
 
 This is where the packages meet: ``ingest`` serves terminals, ``storage`` keeps what they send.
 The server never imports storage; the small adapters below give it the storage services in the
-shape of ``ingest.interfaces``.  Order of shutdown on SIGTERM/SIGINT (house style item 8): stop
+shape of ``ingest.interfaces`` (the sessions table and the LISTEN/NOTIFY bus fit those
+protocols as they are).  Order of shutdown on SIGTERM/SIGINT (house style item 8): stop
 accepting and let connections finish their in-flight acknowledgements (``Server.shutdown``),
 drain the position writer, then stop the operator port and exit 0.
 """
@@ -29,8 +30,8 @@ if TYPE_CHECKING:  # the heavy imports happen only when the command runs
         Server,
         ServerConfig,
     )
-    from ingest.interfaces import AuthRequest, TerminalInfo
-    from storage import PositionWriter, TerminalStore
+    from ingest.interfaces import AuthRequest, MediaRecord, TerminalInfo
+    from storage import MediaStore, PositionWriter, TerminalStore
     from storage import writer as storage_writer
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,34 @@ class WriterSink:
             batch_type=first.batch_type,
         )
         return WriterCompletion(await self._writer.submit(rows))
+
+
+class MediaStoreSink:
+    """``ingest.MediaSink`` over the storage media store: True once file and row are durable."""
+
+    def __init__(self, store: MediaStore) -> None:
+        self._store = store
+
+    async def store(self, record: MediaRecord) -> bool:
+        from storage import MediaFile, StorageError  # noqa: PLC0415
+
+        media = MediaFile(
+            phone=record.phone,
+            media_id=record.media_id,
+            media_type=record.media_type,
+            media_format=record.media_format,
+            event=record.event,
+            channel=record.channel,
+            location=record.location,
+            data=record.data,
+            received_at=record.received_at,
+        )
+        try:
+            await self._store.save(media)
+        except StorageError as exc:
+            logger.error("phone=%s media %s not stored: %s", record.phone, record.media_id, exc)  # noqa: TRY400 - the cause is in the message
+            return False
+        return True
 
 
 class DatabaseRegistry:
@@ -216,6 +245,8 @@ def _worker_main(
         config,
         http_port=config.http_port + index if config.http_port else 0,
         spool_dir=spool_root / f"worker-{index}",
+        # Each worker is a node of its own (it holds its own connections).
+        node_id=f"{config.node_id}/{index}" if config.node_id else None,
     )
     trio.run(serve, worker_config, dsn, data_dir)
 
@@ -234,12 +265,29 @@ async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
     import trio  # noqa: PLC0415
 
     from ingest import Server  # noqa: PLC0415
-    from storage import PositionWriter, Spool, TerminalStore  # noqa: PLC0415
+    from storage import (  # noqa: PLC0415
+        MediaStore,
+        NotifyBus,
+        PositionWriter,
+        SessionTable,
+        Spool,
+        TerminalStore,
+    )
 
     spool = Spool(config.spool_dir or data_dir / "spool")
     writer = PositionWriter(dsn, spool=spool)
     store = TerminalStore(dsn)
-    server = Server(config, sink=WriterSink(writer), registry=DatabaseRegistry(store))
+    media = MediaStore(dsn, config.media_dir or data_dir / "media")
+    sessions = SessionTable(dsn)
+    bus = NotifyBus(dsn)
+    server = Server(
+        config,
+        sink=WriterSink(writer),
+        registry=DatabaseRegistry(store),
+        media=MediaStoreSink(media),
+        sessions=sessions,
+        transport=bus,
+    )
     stopped = trio.Event()
 
     async def run_server(
@@ -254,7 +302,8 @@ async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
             await services.start(server.operator_http().run)
             ports = await services.start(run_server)
             logger.info(
-                "serving JT/T 808 on %s port(s) %s, operator HTTP on %s:%s, ack=%s",
+                "node %s serving JT/T 808 on %s port(s) %s, operator HTTP on %s:%s, ack=%s",
+                server.node_id,
                 config.host,
                 ports,
                 config.http_host,
@@ -268,6 +317,9 @@ async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
             services.cancel_scope.cancel()
     finally:
         store.close()
+        media.close()
+        sessions.close()
+        bus.close()
     logger.info("stopped")
 
 
