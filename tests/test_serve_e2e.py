@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from ingest import Server, ServerConfig
-from protocol import encode_split
+from protocol import encode, encode_split
 from protocol.header import Edition
 from protocol.messages.control import LocationQuery
 from protocol.messages.location import Location, LocationBatch, LocationQueryResponse
@@ -115,6 +115,30 @@ async def test_retransmission_stored_once_and_unauthenticated_refused(
             assert _count(db, terminal.wire_phone) == 1
             await stranger.close()
             await terminal.close()
+
+
+async def test_bad_input_costs_only_itself(db: str, tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with running_app(db, tmp_path / "spool") as port:
+            noisy = await Terminal.connect(port, "13900000006")
+            quiet = await Terminal.connect(port, "13900000007")
+            await noisy.login()
+            await quiet.login()
+            good = bytearray(encode(location(1), phone=noisy.phone, serial=40))
+            good[-2] ^= 0xFF  # the check code no longer matches
+            await noisy.stream.send_all(b"garbage\x00\xff" + bytes(good))
+            await noisy.stream.send_all(b"\x7e" + b"\x11" * 3000 + b"\x7e")  # oversize
+            error_reply = await noisy.receive()  # 0x8001 result 2 for the bad check code
+            assert getattr(error_reply.message, "result", None) == 2
+            serial = await noisy.send(location(2))
+            ack = await noisy.receive()
+            assert getattr(ack.message, "reply_serial", None) == serial
+            await quiet.send(location(3))
+            await quiet.receive()
+            assert _count(db, noisy.wire_phone) == 1
+            assert _count(db, quiet.wire_phone) == 1
+            await noisy.close()
+            await quiet.close()
 
 
 async def test_auth_code_survives_a_restart(db: str, tmp_path: Path) -> None:

@@ -262,9 +262,10 @@ def _migrate(dsn: str) -> None:
 
 async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
     """Run server, operator port and writer until SIGTERM/SIGINT, then stop in order."""
+    import prometheus_client  # noqa: PLC0415
     import trio  # noqa: PLC0415
 
-    from ingest import Server  # noqa: PLC0415
+    from ingest import Metrics, Server  # noqa: PLC0415
     from storage import (  # noqa: PLC0415
         MediaStore,
         NotifyBus,
@@ -287,6 +288,9 @@ async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
         media=MediaStoreSink(media),
         sessions=sessions,
         transport=bus,
+        # One registry for the whole process, so /metrics shows the server's and the storage
+        # layer's metrics (batch sizes, store latency, spool) together.
+        metrics=Metrics(prometheus_client.REGISTRY),
     )
     stopped = trio.Event()
 
