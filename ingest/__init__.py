@@ -26,10 +26,13 @@ from ingest.commands import (
 from ingest.config import ConfigError, ServerConfig, add_arguments, load_config
 from ingest.http import OperatorHttp
 from ingest.interfaces import (
+    AlertFeed,
+    AlertFilter,
     AuthRequest,
     ClusterTransport,
     Completion,
     CompletionEvent,
+    InMemoryAlertFeed,
     InMemoryMediaSink,
     InMemoryPositionSink,
     InMemorySessionDirectory,
@@ -52,6 +55,8 @@ from ingest.server import Server
 from ingest.session import Session, SessionPolicy, SessionState
 
 __all__ = [
+    "AlertFeed",
+    "AlertFilter",
     "AuthRequest",
     "BadCommandError",
     "ClusterTransport",
@@ -61,6 +66,7 @@ __all__ = [
     "Completion",
     "CompletionEvent",
     "ConfigError",
+    "InMemoryAlertFeed",
     "InMemoryMediaSink",
     "InMemoryPositionSink",
     "InMemorySessionDirectory",

@@ -131,6 +131,10 @@ class ServerConfig:
     media_dir: Path | None = None
     # Where the embedded PostgreSQL (no dsn configured) and the default spool keep their files.
     data_dir: Path = Path("jt808-data")
+    # Run the rule engine on the received positions and serve ``GET /alerts/stream``.  Off by
+    # default until the vehicles, fences and filings come from the database: without master
+    # data the engine knows no vehicle and would only cost a thread hop per batch.
+    rules: bool = False
 
     def __post_init__(self) -> None:
         problems = _validate(self)
@@ -210,6 +214,7 @@ _FLAG_FIELDS = {
     "capture_dir": "capture_dir",
     "media_dir": "media_dir",
     "node_id": "node_id",
+    "rules": "rules",
 }
 
 
@@ -237,6 +242,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--node-id", dest="node_id", metavar="ID", help="this node's id (default hostname:pid)"
+    )
+    parser.add_argument(
+        "--rules",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the rule engine and serve /alerts/stream (default off)",
     )
 
 
@@ -306,6 +317,11 @@ def _from_text(name: str, text: str, where: str) -> Any:
     base, optional = _base_type(name)
     if optional and text == "":
         return None
+    if base is bool:
+        lowered = text.strip().lower()
+        if lowered in _TRUE | _FALSE:
+            return lowered in _TRUE
+        raise ConfigError(f"{where}: {text!r} is not a boolean (true/false, 1/0, yes/no, on/off)")
     try:
         if base is int:
             return int(text)
@@ -318,9 +334,15 @@ def _from_text(name: str, text: str, where: str) -> Any:
     return _check_choice(name, base, text, where)
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
 def _from_toml_value(name: str, value: Any, path: Path) -> Any:
     base, _ = _base_type(name)
     where = f"{path}: {name}"
+    if base is bool and isinstance(value, bool):
+        return value
     if base is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if base is int and isinstance(value, int) and not isinstance(value, bool):
@@ -341,6 +363,10 @@ def _check_choice(name: str, base: Any, text: str, where: str) -> str:
 def _article(base: Any) -> str:
     if typing.get_origin(base) is Literal:
         return "one of " + ", ".join(typing.get_args(base))
-    return {int: "an integer", float: "a number", Path: "a path", str: "a string"}.get(
-        base, str(base)
-    )
+    return {
+        int: "an integer",
+        float: "a number",
+        Path: "a path",
+        str: "a string",
+        bool: "a boolean",
+    }.get(base, str(base))

@@ -15,6 +15,15 @@ operators' curl need.
   ``{"error": kind, "detail": text}`` with 400 (``bad_request``: not JSON, unknown id or
   field, a value that does not fit), 404 (``offline``), 502 (``node_unreachable``), 503
   (``busy``) or 504 (``timeout``: no answer through every resend).
+* ``GET /alerts/stream`` -- the live alert events as server-sent events (``text/event-stream``,
+  chunked): each event is ``id: <seq>`` and ``data: <alert JSON>``.  Query parameters ``unit``,
+  ``rule``, ``state`` and ``severity`` select events (exact match); the stream resumes after
+  the ``Last-Event-ID`` header or ``?after=SEQ`` (``after=0``: everything the feed still holds),
+  else it starts with the next event.  A comment line every :data:`HEARTBEAT_S` keeps proxies
+  from closing an idle stream.  At most :data:`MAX_STREAMS` streams run at once (more are
+  answered 503); a client that does not take an event within :data:`REQUEST_TIMEOUT_S` is
+  disconnected (nothing is buffered for it beyond the socket's own buffer).  404 when the node
+  runs no alert feed.
 """
 
 from __future__ import annotations
@@ -24,12 +33,14 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qs
 
 import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ingest.commands import CommandBusyError, CommandError
+from ingest.interfaces import AlertFeed, AlertFilter
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +59,16 @@ REQUEST_TIMEOUT_S = 10.0
 # A command body is a few fields; a 0x8108 firmware package or a long route given as JSON hex
 # is the largest, and 1 MiB holds far more than one such command's 64 Ki packages need.
 MAX_REQUEST_BODY_BYTES = 1024 * 1024
+# Alert streams hold their connection for as long as the operator watches: a quarter of the
+# connections (a few operators' ``alerts tail`` and a dashboard or two), so that scrapes,
+# health checks and commands always find room.  More are answered 503.
+MAX_STREAMS = MAX_CONNECTIONS // 4
+# A comment line on an idle stream this often: common proxies close a response idle for 60 s
+# (nginx ``proxy_read_timeout``), and the client's read timeout can be a few of these.
+HEARTBEAT_S = 15.0
+# Events read from the feed per round: bounds one round's memory, ~100 KB of JSON.
+STREAM_BATCH = 100
+EVENT_STREAM = "text/event-stream"
 
 JSON = "application/json"
 _COMMANDS_PATH = re.compile(rb"/terminals/([^/]+)/commands")
@@ -68,6 +89,7 @@ class OperatorHttp:
         terminals: Callable[[], list[dict[str, Any]]],
         healthy: Callable[[], bool],
         command: CommandRunner | None = None,
+        alerts: AlertFeed | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -75,6 +97,8 @@ class OperatorHttp:
         self.terminals = terminals
         self.healthy = healthy
         self.command = command
+        self.alerts = alerts
+        self._stream_slots = trio.CapacityLimiter(MAX_STREAMS)
         self._limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
         self._command_slots = trio.CapacityLimiter(MAX_COMMANDS)
 
@@ -110,6 +134,10 @@ class OperatorHttp:
         if scope.cancelled_caught or received is None:
             return  # too slow, closed, or nothing usable
         request, content = received
+        path = request.target.split(b"?", 1)[0]
+        if request.method == b"GET" and path == b"/alerts/stream" and self.alerts is not None:
+            await self._alert_stream(conn, stream, request, self.alerts)
+            return
         if content is None:
             status, content_type, body = 413, JSON, _json({"error": "request body too large"})
         else:
@@ -145,6 +173,82 @@ class OperatorHttp:
         if path == b"/terminals":
             return 200, JSON, _json(self.terminals())
         return 404, JSON, _json({"error": "not found"})
+
+    async def _alert_stream(
+        self, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request, feed: AlertFeed
+    ) -> None:
+        try:
+            filters, after = _stream_params(request)
+        except ValueError as exc:
+            await _send_whole(
+                conn, stream, 400, _json({"error": "bad_request", "detail": str(exc)})
+            )
+            return
+        slot = object()
+        try:
+            self._stream_slots.acquire_on_behalf_of_nowait(slot)
+        except trio.WouldBlock:
+            detail = f"{MAX_STREAMS} alert streams are open on this port"
+            await _send_whole(conn, stream, 503, _json({"error": "busy", "detail": detail}))
+            return
+        try:
+            await self._serve_stream(conn, stream, feed, filters, after)
+        finally:
+            self._stream_slots.release_on_behalf_of(slot)
+
+    async def _serve_stream(
+        self,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        feed: AlertFeed,
+        filters: AlertFilter,
+        after: int | None,
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            # The client says nothing after its request: end of input means it left, and its
+            # stream slot is freed at once instead of at the next heartbeat.
+            nursery.start_soon(_until_closed, stream, nursery.cancel_scope)
+            await self._send_events(conn, stream, feed, filters, after)
+            nursery.cancel_scope.cancel()
+
+    async def _send_events(
+        self,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        feed: AlertFeed,
+        filters: AlertFilter,
+        after: int | None,
+    ) -> None:
+        cursor = await feed.last_seq() if after is None else after
+        headers = [
+            ("content-type", EVENT_STREAM),
+            ("cache-control", "no-cache"),
+            ("x-accel-buffering", "no"),  # nginx: pass events on at once
+            ("connection", "close"),
+        ]
+        # No content-length: h11 sends the body chunked (or until close to an HTTP/1.0 client).
+        head = conn.send(h11.Response(status_code=200, headers=headers)) or b""
+        if not await _send(stream, head + _chunk(conn, b": alert stream\n\n")):
+            return
+        while True:
+            head_seq = await feed.last_seq()
+            events = await feed.events_after(cursor, STREAM_BATCH, filters)
+            if events:
+                body = b"".join(
+                    b"id: %d\ndata: %s\n\n" % (seq, _json(alert)) for seq, alert in events
+                )
+                if not await _send(stream, _chunk(conn, body)):
+                    return
+            if len(events) >= STREAM_BATCH:
+                cursor = events[-1][0]
+                continue
+            # Every event up to ``head_seq`` was seen: skip the ones the filters passed over,
+            # so they do not wake this stream again.
+            cursor = max(cursor, head_seq)
+            with trio.move_on_after(HEARTBEAT_S) as idle:
+                await feed.wait_for_new(cursor)
+            if idle.cancelled_caught and not await _send(stream, _chunk(conn, b": heartbeat\n\n")):
+                return
 
     async def _command(self, phone: str, content: bytes) -> tuple[int, str, bytes]:
         if self.command is None:
@@ -200,6 +304,60 @@ async def _read_request(
             return request, bytes(body)
         else:
             return None
+
+
+def _stream_params(request: h11.Request) -> tuple[AlertFilter, int | None]:
+    """Filters and the resume point of an ``/alerts/stream`` request; ValueError if bad."""
+    _, _, query = request.target.partition(b"?")
+    params = parse_qs(query.decode("utf-8", "replace"), keep_blank_values=False)
+    known = {"unit", "rule", "state", "severity", "after"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; known: {sorted(known)}")
+    one = {key: values[-1] for key, values in params.items()}
+    after_text: str | None = one.pop("after", None)
+    for name, value in request.headers:
+        if name == b"last-event-id":  # h11 lower-cases header names
+            after_text = value.decode("ascii", "replace").strip() or after_text
+    after = None
+    if after_text is not None:
+        if not after_text.isdigit():
+            raise ValueError(f"event id {after_text!r} is not a sequence number")
+        after = int(after_text)
+    return AlertFilter(**one), after
+
+
+async def _until_closed(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` once the client closes its side (anything it sends is discarded)."""
+    try:
+        while await stream.receive_some(RECV_BYTES):
+            pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    scope.cancel()
+
+
+def _chunk(conn: h11.Connection, data: bytes) -> bytes:
+    return conn.send(h11.Data(data=data)) or b""
+
+
+async def _send(stream: trio.SocketStream, data: bytes) -> bool:
+    """Send within the timeout; False if the client is too slow (it is then dropped)."""
+    with trio.move_on_after(REQUEST_TIMEOUT_S):
+        await stream.send_all(data)
+        return True
+    logger.info("alert stream client too slow: disconnected")
+    return False
+
+
+async def _send_whole(
+    conn: h11.Connection, stream: trio.SocketStream, status: int, body: bytes
+) -> None:
+    headers = [("content-type", JSON), ("content-length", str(len(body))), ("connection", "close")]
+    data = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+    data += conn.send(h11.Data(data=body)) or b""
+    data += conn.send(h11.EndOfMessage()) or b""
+    await _send(stream, data)
 
 
 def _json(value: Any) -> bytes:

@@ -15,11 +15,16 @@ small protocols.  The in-memory implementations serve the tests and a database-l
   (a database table) and the channel that carries commands between nodes (PostgreSQL
   LISTEN/NOTIFY); see :mod:`ingest.cluster`.  Both take and return plain values, so the storage
   implementations satisfy them without importing this package.
+* :class:`AlertFeed` -- the numbered alert events that ``GET /alerts/stream`` serves
+  (:class:`InMemoryAlertFeed` in one process; the ``alert_events`` table with LISTEN/NOTIFY
+  across nodes).  Alerts are plain JSON objects here: the server does not know the rules.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
@@ -506,3 +511,104 @@ class InMemoryTransport:
         finally:
             if self._inboxes.get(node) is inbox:
                 del self._inboxes[node]
+
+
+# ---------------------------------------------------------------------------------------------
+# Alerts
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AlertFilter:
+    """Which alert events a stream wants: each given field must equal the alert's (None: any)."""
+
+    unit: str | None = None
+    rule: str | None = None
+    state: str | None = None
+    severity: str | None = None
+
+    def matches(self, alert: Mapping[str, Any]) -> bool:
+        return (
+            (self.unit is None or alert.get("unit") == self.unit)
+            and (self.rule is None or alert.get("rule") == self.rule)
+            and (self.state is None or alert.get("state") == self.state)
+            and (self.severity is None or alert.get("severity") == self.severity)
+        )
+
+
+class AlertFeed(Protocol):
+    """Alert events numbered by a sequence that only grows (``seq`` > 0).
+
+    Each event is an alert record as JSON (the shape of ``alerts.Alert.to_json``) at one moment
+    of its life; an alert that changes state appears again under a new ``seq``.
+    """
+
+    async def last_seq(self) -> int:
+        """The newest event's ``seq`` (0 if there is none)."""
+        ...
+
+    async def events_after(
+        self, seq: int, limit: int, filters: AlertFilter
+    ) -> list[tuple[int, dict[str, Any]]]:
+        """Up to ``limit`` events with ``seq`` above the given one that pass ``filters``,
+        oldest first."""
+        ...
+
+    async def wait_for_new(self, after_seq: int) -> None:
+        """Return once an event newer than ``after_seq`` may exist (spurious returns are
+        allowed).  Must honour cancellation promptly: the caller bounds it with a timeout."""
+        ...
+
+
+class InMemoryAlertFeed:
+    """An :class:`AlertFeed` in a ring buffer: the alert engine of this process calls
+    :meth:`publish` (from the trio thread); streams read.
+
+    Only the newest ``max_events`` are kept: a stream resuming from an older ``seq`` misses
+    the ones that fell out (the database feed keeps everything).
+    """
+
+    # An alert event is ~1 KB of JSON, so 10 000 are ~10 MB -- hours of a large fleet's alerts,
+    # far more than a reconnecting ``alerts tail`` needs to catch up.
+    MAX_EVENTS = 10_000
+
+    def __init__(self, *, max_events: int = MAX_EVENTS) -> None:
+        if max_events < 1:
+            raise ValueError("max_events must be at least 1")
+        self._events: collections.deque[tuple[int, dict[str, Any]]] = collections.deque(
+            maxlen=max_events
+        )
+        self._seq = 0
+        self._new = trio.Event()
+
+    def publish(self, alert: Mapping[str, Any]) -> int:
+        """Append an event; returns its ``seq``."""
+        self._seq += 1
+        self._events.append((self._seq, dict(alert)))
+        self._new.set()
+        self._new = trio.Event()
+        return self._seq
+
+    async def last_seq(self) -> int:
+        await trio.lowlevel.checkpoint()
+        return self._seq
+
+    async def events_after(
+        self, seq: int, limit: int, filters: AlertFilter
+    ) -> list[tuple[int, dict[str, Any]]]:
+        await trio.lowlevel.checkpoint()
+        if not self._events:
+            return []
+        first = self._events[0][0]  # seqs in the ring are consecutive
+        out: list[tuple[int, dict[str, Any]]] = []
+        for event in itertools.islice(self._events, max(0, seq - first + 1), None):
+            if filters.matches(event[1]):
+                out.append(event)
+                if len(out) >= limit:
+                    break
+        return out
+
+    async def wait_for_new(self, after_seq: int) -> None:
+        if self._seq > after_seq:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._new.wait()

@@ -68,6 +68,7 @@ from ingest.commands import (
 from ingest.config import RECV_CHUNK_BYTES, ServerConfig
 from ingest.http import OperatorHttp
 from ingest.interfaces import (
+    AlertFeed,
     ClusterTransport,
     Completion,
     InMemoryMediaSink,
@@ -148,7 +149,8 @@ class Server:
     ``sink`` receives :class:`~ingest.interfaces.PositionRecord` batches, ``registry`` decides
     registrations and authentications, ``media`` keeps multimedia uploads.  ``sessions`` and
     ``transport`` connect the node to the others (the ``sessions`` table and LISTEN/NOTIFY);
-    without them the node is alone.  ``directory`` defaults to an in-process one; ``metrics``
+    without them the node is alone.  ``alerts`` is the feed ``GET /alerts/stream`` serves on
+    the operator port (None: no stream).  ``directory`` defaults to an in-process one; ``metrics``
     to a fresh registry.  ``new_auth_code`` and ``wall_clock`` are injectable for tests.
     """
 
@@ -165,8 +167,10 @@ class Server:
         media: MediaSink | None = None,
         sessions: SessionRecords | None = None,
         transport: ClusterTransport | None = None,
+        alerts: AlertFeed | None = None,
     ) -> None:
         self.config = config
+        self.alerts = alerts
         self.sink = sink
         self.registry = registry
         self.directory: SessionDirectory[_Connection] = (
@@ -277,6 +281,7 @@ class Server:
             terminals=self.terminals,
             healthy=lambda: self.accepting,
             command=self.command,
+            alerts=self.alerts,
         )
 
     def terminals(self) -> list[dict[str, Any]]:

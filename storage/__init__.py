@@ -51,15 +51,40 @@ Multimedia and the cluster
   table of online terminals per node, and JSON messages between nodes over LISTEN/NOTIFY
   (commands relayed to the node holding a terminal).
 
+Rule engine data
+================
+
+* :class:`AlertRepository` (:mod:`storage.alerts`) -- the engine's alert store with dicts
+  (``Alert.to_json()``), an ``alert_events`` log and ``NOTIFY jt808_alerts`` for live tails.
+* :mod:`storage.masterdata` -- vehicles, fences and filings as plain rows (CSV parsing, upserts,
+  loads) and :func:`masterdata_version`, bumped by any change, for reloads without a restart.
+* :func:`violations_by_unit_rule` (:mod:`storage.reports_violations`) -- the periodic report.
+
 Metrics are in :mod:`storage.metrics` (prometheus_client, default registry).
 """
 
 from __future__ import annotations
 
+from storage.alerts import ALERT_CHANNEL, AlertRepository
 from storage.embedded import database_dsn, embedded_postgres
 from storage.errors import StorageError, WriterClosedError
+from storage.masterdata import (
+    MASTERDATA_CHANNEL,
+    MasterDataError,
+    changed_since,
+    filing_rows_from_csv,
+    load_fence_rows,
+    load_filing_rows,
+    load_registry_rows,
+    masterdata_version,
+    upsert_fences,
+    upsert_filings,
+    upsert_vehicles,
+    vehicle_rows_from_csv,
+)
 from storage.media import MediaFile, MediaStore, StoredMedia, media_path
 from storage.reports import export_positions_csv, positions_per_unit, refresh_daily_stats
+from storage.reports_violations import ViolationCount, month_bounds, violations_by_unit_rule
 from storage.rows import COLUMNS, PositionRow, encode_copy_binary, position_row, position_rows
 from storage.schema import (
     MIGRATIONS,
@@ -75,10 +100,14 @@ from storage.terminals import Registration, TerminalRecord, TerminalStore
 from storage.writer import Completion, Durability, PositionWriter, WriterConfig
 
 __all__ = [
+    "ALERT_CHANNEL",
     "COLUMNS",
+    "MASTERDATA_CHANNEL",
     "MIGRATIONS",
+    "AlertRepository",
     "Completion",
     "Durability",
+    "MasterDataError",
     "MediaFile",
     "MediaStore",
     "NotifyBus",
@@ -92,8 +121,10 @@ __all__ = [
     "TerminalRecord",
     "TerminalStore",
     "TimescaleOptions",
+    "ViolationCount",
     "WriterClosedError",
     "WriterConfig",
+    "changed_since",
     "current_backend",
     "database_dsn",
     "drop_partitions_before",
@@ -101,10 +132,21 @@ __all__ = [
     "encode_copy_binary",
     "ensure_partitions",
     "export_positions_csv",
+    "filing_rows_from_csv",
+    "load_fence_rows",
+    "load_filing_rows",
+    "load_registry_rows",
+    "masterdata_version",
     "media_path",
     "migrate",
+    "month_bounds",
     "position_row",
     "position_rows",
     "positions_per_unit",
     "refresh_daily_stats",
+    "upsert_fences",
+    "upsert_filings",
+    "upsert_vehicles",
+    "vehicle_rows_from_csv",
+    "violations_by_unit_rule",
 ]

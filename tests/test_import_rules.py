@@ -32,7 +32,19 @@ ALLOWED_PROJECT_IMPORTS = {
 # it alone outside ingest may open sockets, and only towards loopback addresses.
 SOCKET_CLIENTS = {"tools/simulate.py"}
 # The application wiring may import everything.
-WIRING = {"tools/cli.py", "tools/serve_cmd.py", "tools/db_cmd.py", "tools/export_cmd.py"}
+WIRING = {
+    "tools/cli.py",
+    "tools/serve_cmd.py",
+    "tools/db_cmd.py",
+    "tools/export_cmd.py",
+    "tools/masterdata_cmd.py",
+    "tools/vehicles_cmd.py",
+    "tools/fences_cmd.py",
+    "tools/filings_cmd.py",
+    "tools/alerts_cmd.py",
+    "tools/report_cmd.py",
+    "tools/rules_service.py",
+}
 
 SOCKET_MODULES = {"socket", "socketserver", "asyncio", "selectors", "ssl"}
 CLOCK_MODULES = {"time"}

@@ -6,6 +6,12 @@ shape of ``ingest.interfaces`` (the sessions table and the LISTEN/NOTIFY bus fit
 protocols as they are).  Order of shutdown on SIGTERM/SIGINT (house style item 8): stop
 accepting and let connections finish their in-flight acknowledgements (``Server.shutdown``),
 drain the position writer, then stop the operator port and exit 0.
+
+With ``rules = true`` (``--rules``) the positions also go to the rule engine
+(:mod:`tools.rules_service`, through a :class:`~tools.rules_service.TeeSink`; acks still wait
+for storage only) and the operator port serves ``GET /alerts/stream`` from an in-memory feed.
+For now the engine keeps its alerts in memory and starts with no master data (no vehicles,
+fences or filings): the database adapters replace these.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ if TYPE_CHECKING:  # the heavy imports happen only when the command runs
     from ingest.interfaces import AuthRequest, MediaRecord, TerminalInfo
     from storage import MediaStore, PositionWriter, TerminalStore
     from storage import writer as storage_writer
+    from tools.rules_service import RuleService
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +273,7 @@ async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
     import prometheus_client  # noqa: PLC0415
     import trio  # noqa: PLC0415
 
-    from ingest import Metrics, Server  # noqa: PLC0415
+    from ingest import InMemoryAlertFeed, Metrics, PositionSink, Server  # noqa: PLC0415
     from storage import (  # noqa: PLC0415
         MediaStore,
         NotifyBus,
@@ -282,9 +289,22 @@ async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
     media = MediaStore(dsn, config.media_dir or data_dir / "media")
     sessions = SessionTable(dsn)
     bus = NotifyBus(dsn)
+    sink: PositionSink = WriterSink(writer)
+    feed: InMemoryAlertFeed | None = None
+    rules: RuleService | None = None
+    if config.rules:
+        from alerts import InMemoryAlertStore  # noqa: PLC0415
+        from tools.rules_service import RuleService, StaticMasterData, TeeSink  # noqa: PLC0415
+
+        feed = InMemoryAlertFeed()
+        rules = RuleService(
+            master=StaticMasterData(), store=InMemoryAlertStore(), publish=feed.publish
+        )
+        sink = TeeSink(sink, rules)
     server = Server(
         config,
-        sink=WriterSink(writer),
+        sink=sink,
+        alerts=feed,
         registry=DatabaseRegistry(store),
         media=MediaStoreSink(media),
         sessions=sessions,
@@ -307,6 +327,8 @@ async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
     try:
         async with trio.open_nursery() as services:
             await services.start(writer.run)
+            if rules is not None:
+                await services.start(rules.run)
             await services.start(server.operator_http().run)
             ports = await services.start(run_server)
             logger.info(

@@ -1,0 +1,490 @@
+"""Master data of the rule engine: vehicles, fences and trip filings, as plain rows.
+
+``storage`` knows nothing of the engine's classes; the wiring turns the rows loaded here into
+``alerts.Vehicle``/``alerts.Filing``/``geofence.Fence`` and fence objects into the rows stored
+here.  CSV parsing of vehicles and filings is here too (it is only text to rows); GeoJSON fences
+are parsed by ``geofence.geojson`` in the wiring.
+
+Imports are all-or-nothing: every problem of a file is collected and raised together as one
+:class:`MasterDataError` (nothing is written), naming the CSV line or the record.
+
+Changes take effect without a restart: any change to the three tables bumps
+``masterdata_state.version`` (a trigger, migration 5) and NOTIFYs ``jt808_masterdata``; an
+engine polls :func:`masterdata_version` (one row) or :func:`changed_since` and reloads.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from storage.errors import StorageError
+
+__all__ = [
+    "CATEGORIES",
+    "FENCE_COLUMNS",
+    "FILING_STATES",
+    "MASTERDATA_CHANNEL",
+    "MasterDataError",
+    "changed_since",
+    "filing_rows_from_csv",
+    "load_fence_rows",
+    "load_filing_rows",
+    "load_registry_rows",
+    "masterdata_version",
+    "upsert_fences",
+    "upsert_filings",
+    "upsert_vehicles",
+    "vehicle_rows_from_csv",
+]
+
+MASTERDATA_CHANNEL = "jt808_masterdata"
+
+# Article 5: retained unit vehicles, platform vehicles, rental vehicles.
+CATEGORIES = ("retained", "platform", "rental")
+FILING_STATES = ("pending", "approved", "rejected", "cancelled")
+FENCE_KINDS = ("permitted", "forbidden", "parking", "destination")
+FENCE_SHAPES = ("circle", "rectangle", "polygon")
+
+# Filing times without an offset are China time (GMT+8), as the terminals and dispatchers use.
+CHINA = timezone(timedelta(hours=8))
+
+# Terminal phone numbers: 12 BCD digits (2011/2013) or 20 (2019), JT/T 808-2019 table 2.
+_PHONE_RE = re.compile(r"^\d{1,20}$")
+_TRUE = frozenset({"1", "true", "yes", "y", "t"})
+_FALSE = frozenset({"", "0", "false", "no", "n", "f"})
+
+VEHICLE_COLUMNS = ("plate", "phone", "unit", "category", "exempt", "max_speed_kmh")
+_VEHICLE_REQUIRED = ("plate", "phone", "unit", "category", "exempt")
+FILING_COLUMNS = (
+    "plate",
+    "start",
+    "end",
+    "destination",
+    "purpose",
+    "passengers",
+    "approver",
+    "filed_at",
+    "state",
+)
+_FILING_REQUIRED = FILING_COLUMNS[:7]
+FENCE_COLUMNS = (
+    "id",
+    "name",
+    "kind",
+    "shape",
+    "geometry",
+    "radius_m",
+    "unit",
+    "daily_start",
+    "daily_end",
+    "period_start",
+    "period_end",
+    "max_speed_kmh",
+    "overspeed_duration_s",
+    "night_max_speed_kmh",
+    "area_id",
+)
+
+
+class MasterDataError(StorageError):
+    """Master data that cannot be imported; ``problems`` lists each, naming line or record."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = tuple(problems)
+        shown = "; ".join(self.problems[:10])
+        more = f" (and {len(self.problems) - 10} more)" if len(self.problems) > 10 else ""
+        super().__init__(f"{len(self.problems)} problem(s): {shown}{more}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV -> rows (pure)
+
+
+class _RowError(Exception):
+    pass
+
+
+def _read_csv(
+    text: str, columns: Sequence[str], required: Sequence[str]
+) -> list[tuple[int, dict[str, str]]]:
+    reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))  # Excel writes a BOM
+    header = [h.strip() for h in reader.fieldnames or []]
+    if not header:
+        raise MasterDataError(["the file is empty (no header line)"])
+    problems = []
+    missing = [c for c in required if c not in header]
+    if missing:
+        problems.append(f"line 1: missing columns {missing}")
+    unknown = [c for c in header if c not in columns]
+    if unknown:
+        problems.append(f"line 1: unknown columns {unknown} (known: {', '.join(columns)})")
+    if problems:
+        raise MasterDataError(problems)
+    rows = []
+    for raw in reader:
+        if None in raw:
+            raise MasterDataError([f"line {reader.line_num}: more fields than the header"])
+        row = {k.strip(): (v or "").strip() for k, v in raw.items()}
+        if any(row.values()):
+            rows.append((reader.line_num, row))
+    return rows
+
+
+def _bool(text: str, what: str) -> bool:
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise _RowError(f"{what} must be true or false, got {text!r}")
+
+
+def _positive(text: str, what: str) -> float | None:
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise _RowError(f"{what} must be a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise _RowError(f"{what} must be positive, got {text!r}")
+    return value
+
+
+def parse_time(text: str, what: str = "time") -> datetime:
+    """ISO 8601; China time when it has no offset."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise _RowError(f"{what} must be an ISO 8601 time, got {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=CHINA)
+
+
+def vehicle_rows_from_csv(text: str) -> list[dict[str, Any]]:
+    """Vehicle rows from CSV (columns ``plate,phone,unit,category,exempt[,max_speed_kmh]``).
+
+    ``phone`` may be empty (no terminal fitted yet); ``exempt`` is true/false, 1/0 or yes/no.
+    """
+    problems: list[str] = []
+    out: list[dict[str, Any]] = []
+    plates: dict[str, int] = {}
+    phones: dict[str, int] = {}
+    for line, row in _read_csv(text, VEHICLE_COLUMNS, _VEHICLE_REQUIRED):
+        try:
+            vehicle = _vehicle(row)
+            if vehicle["plate"] in plates:
+                raise _RowError(f"plate already on line {plates[vehicle['plate']]}")  # noqa: TRY301
+            phone = vehicle["phone"]
+            if phone is not None and phone in phones:
+                raise _RowError(f"phone {phone} already on line {phones[phone]}")  # noqa: TRY301
+        except _RowError as exc:
+            problems.append(f"line {line}: {exc}")
+            continue
+        out.append(vehicle)
+        plates[vehicle["plate"]] = line
+        if phone is not None:
+            phones[phone] = line
+    if problems:
+        raise MasterDataError(problems)
+    return out
+
+
+def _vehicle(row: Mapping[str, str]) -> dict[str, Any]:
+    plate = row["plate"]
+    if not plate:
+        raise _RowError("plate is empty")
+    phone = row["phone"] or None
+    if phone is not None and not _PHONE_RE.match(phone):
+        raise _RowError(f"phone must be up to 20 digits, got {phone!r}")
+    if not row["unit"]:
+        raise _RowError("unit is empty")
+    category = row["category"].lower()
+    if category not in CATEGORIES:
+        raise _RowError(f"category must be one of {', '.join(CATEGORIES)}, got {row['category']!r}")
+    return {
+        "plate": plate,
+        "phone": phone,
+        "unit": row["unit"],
+        "category": category,
+        "exempt": _bool(row["exempt"], "exempt"),
+        "max_speed_kmh": _positive(row.get("max_speed_kmh", ""), "max_speed_kmh"),
+    }
+
+
+def filing_rows_from_csv(text: str, *, now: datetime) -> list[dict[str, Any]]:
+    """Filing rows from CSV (``plate,start,end,destination,purpose,passengers,approver``, and
+    optionally ``filed_at`` (default ``now``) and ``state`` (default approved)).
+
+    ``destination`` names a fence or is empty; plates and fence names are resolved by
+    :func:`upsert_filings`.
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    problems: list[str] = []
+    out: list[dict[str, Any]] = []
+    for line, row in _read_csv(text, FILING_COLUMNS, _FILING_REQUIRED):
+        try:
+            out.append({"line": line, **_filing(row, now)})
+        except _RowError as exc:
+            problems.append(f"line {line}: {exc}")
+    if problems:
+        raise MasterDataError(problems)
+    return out
+
+
+def _filing(row: Mapping[str, str], now: datetime) -> dict[str, Any]:
+    if not row["plate"]:
+        raise _RowError("plate is empty")
+    start = parse_time(row["start"], "start")
+    end = parse_time(row["end"], "end")
+    if end <= start:
+        raise _RowError(f"end {row['end']} is not after start {row['start']}")
+    filed = row.get("filed_at", "")
+    state = row.get("state", "").lower() or "approved"
+    if state not in FILING_STATES:
+        raise _RowError(f"state must be one of {', '.join(FILING_STATES)}, got {row['state']!r}")
+    return {
+        "plate": row["plate"],
+        "start": start,
+        "end": end,
+        "destination": row["destination"] or None,
+        "purpose": row["purpose"],
+        "passengers": row["passengers"],
+        "approver": row["approver"],
+        "filed_at": parse_time(filed, "filed_at") if filed else now,
+        "state": state,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def upsert_vehicles(conn: psycopg.Connection[Any], rows: Sequence[Mapping[str, Any]]) -> int:
+    """Insert or update vehicles by plate in one transaction; returns the number of rows.
+
+    A phone already fitted to another plate is a problem (one terminal, one vehicle).
+    """
+    problems: list[str] = []
+    with conn.transaction():
+        for row in rows:
+            clash = conn.execute(
+                "SELECT plate FROM vehicles WHERE phone = %s AND plate <> %s",
+                (row.get("phone"), row["plate"]),
+            ).fetchone()
+            if clash is not None:
+                problems.append(
+                    f"vehicle {row['plate']}: phone {row['phone']} is fitted to {clash[0]}"
+                )
+                continue
+            conn.execute(
+                "INSERT INTO vehicles (plate, phone, unit, category, exempt, max_speed_kmh) "
+                "VALUES (%(plate)s, %(phone)s, %(unit)s, %(category)s, %(exempt)s, "
+                "%(max_speed_kmh)s) ON CONFLICT (plate) DO UPDATE SET phone = EXCLUDED.phone, "
+                "unit = EXCLUDED.unit, category = EXCLUDED.category, exempt = EXCLUDED.exempt, "
+                "max_speed_kmh = EXCLUDED.max_speed_kmh, updated_at = now()",
+                {"max_speed_kmh": None, **row},
+            )
+        if problems:
+            raise MasterDataError(problems)
+    return len(rows)
+
+
+def upsert_fences(
+    conn: psycopg.Connection[Any],
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    replace: bool = False,
+) -> list[int]:
+    """Insert or update fences; returns their ids, in order.
+
+    A row with an ``id`` is stored under that id (its name may change); a row whose ``id`` is
+    None is matched by ``name`` and otherwise gets a new id.  ``replace`` deactivates every
+    active fence not in ``rows`` (a fence set replaced by a new file).  Keys: see
+    :data:`FENCE_COLUMNS`; ``geometry`` is a GeoJSON geometry object.
+    """
+    ids: dict[int, int] = {}
+    with conn.transaction():
+        # Rows with an id first, then move the identity above them, then the rows without.
+        explicit = [i for i, row in enumerate(rows) if row.get("id") is not None]
+        implicit = [i for i, row in enumerate(rows) if row.get("id") is None]
+        for i in explicit:
+            ids[i] = _upsert_fence(conn, rows[i])
+        if explicit:
+            conn.execute(
+                "SELECT setval(pg_get_serial_sequence('fences', 'id'), "
+                "(SELECT max(id) FROM fences))"
+            )
+        for i in implicit:
+            ids[i] = _upsert_fence(conn, rows[i])
+        if replace:
+            conn.execute(
+                "UPDATE fences SET active = false, updated_at = now() "
+                "WHERE active AND NOT (id = ANY(%s))",
+                (list(ids.values()),),
+            )
+    return [ids[i] for i in range(len(rows))]
+
+
+def _upsert_fence(conn: psycopg.Connection[Any], row: Mapping[str, Any]) -> int:
+    columns = [c for c in FENCE_COLUMNS if c != "id"]
+    names = ", ".join(columns)
+    values = ", ".join(f"%({c})s" for c in columns)
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns)
+    params = {c: row.get(c) for c in FENCE_COLUMNS}
+    params["geometry"] = Jsonb(row["geometry"])
+    if row.get("id") is None:
+        query = (
+            f"INSERT INTO fences ({names}) VALUES ({values}) "  # noqa: S608 - constants
+            f"ON CONFLICT (name) DO UPDATE SET {updates}, active = true, "
+            "updated_at = now() RETURNING id"
+        )
+    else:
+        clash = conn.execute(
+            "SELECT id FROM fences WHERE name = %s AND id <> %s", (row["name"], row["id"])
+        ).fetchone()
+        if clash is not None:
+            raise MasterDataError(
+                [f"fence {row['name']!r} (id {row['id']}): name used by fence {clash[0]}"]
+            )
+        query = (
+            f"INSERT INTO fences (id, {names}) VALUES (%(id)s, {values}) "  # noqa: S608
+            f"ON CONFLICT (id) DO UPDATE SET {updates}, active = true, "
+            "updated_at = now() RETURNING id"
+        )
+    try:
+        with conn.transaction():
+            found = conn.execute(query, params).fetchone()
+    except psycopg.errors.IntegrityError as exc:
+        raise MasterDataError([f"fence {row['name']!r}: {exc.diag.message_primary}"]) from exc
+    if found is None:  # pragma: no cover - RETURNING always yields the row
+        raise StorageError("fence was not stored")
+    return int(found[0])
+
+
+def upsert_filings(conn: psycopg.Connection[Any], rows: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Insert or update filings (keyed by vehicle and window); returns their ids.
+
+    Rows are :func:`filing_rows_from_csv`'s: ``plate`` is resolved to the vehicle and
+    ``destination`` (a fence name or None) to an active fence.  An existing filing keeps its
+    first ``filed_at``: re-importing a file must not turn filings into late back-filings.
+    """
+    problems: list[str] = []
+    ids: list[int] = []
+    with conn.transaction():
+        vehicles = dict(conn.execute("SELECT plate, id FROM vehicles").fetchall())
+        fences = dict(conn.execute("SELECT name, id FROM fences WHERE active").fetchall())
+        for i, row in enumerate(rows):
+            where = f"line {row['line']}" if "line" in row else f"filing {i}"
+            vehicle = vehicles.get(row["plate"])
+            if vehicle is None:
+                problems.append(f"{where}: unknown vehicle plate {row['plate']!r}")
+            destination = row.get("destination")
+            fence = None if destination is None else fences.get(destination)
+            if destination is not None and fence is None:
+                problems.append(f"{where}: unknown fence {destination!r} as destination")
+            if problems:
+                continue
+            found = conn.execute(
+                "INSERT INTO filings (vehicle_id, starts_at, ends_at, destination_fence, purpose, "
+                "passengers, approver, filed_at, state) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, "
+                "%s) ON CONFLICT (vehicle_id, starts_at, ends_at) DO UPDATE SET "
+                "destination_fence = EXCLUDED.destination_fence, purpose = EXCLUDED.purpose, "
+                "passengers = EXCLUDED.passengers, approver = EXCLUDED.approver, "
+                "state = EXCLUDED.state, updated_at = now() RETURNING id",
+                (
+                    vehicle,
+                    row["start"],
+                    row["end"],
+                    fence,
+                    row.get("purpose", ""),
+                    row.get("passengers", ""),
+                    row.get("approver", ""),
+                    row["filed_at"],
+                    row.get("state", "approved"),
+                ),
+            ).fetchone()
+            if found is None:  # pragma: no cover - RETURNING always yields the row
+                raise StorageError("filing was not stored")
+            ids.append(int(found[0]))
+        if problems:
+            raise MasterDataError(problems)
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def load_registry_rows(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """Every vehicle: ``id, plate, phone, unit, category, exempt, max_speed_kmh``, by id.
+
+    ``phone`` is None for a vehicle without a terminal (the engine cannot track it).
+    """
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT id, plate, phone, unit, category, exempt, max_speed_kmh "
+            "FROM vehicles ORDER BY id"
+        ).fetchall()
+
+
+def load_fence_rows(
+    conn: psycopg.Connection[Any], *, include_inactive: bool = False
+) -> list[dict[str, Any]]:
+    """Active fences (or all), with the keys of :data:`FENCE_COLUMNS` plus ``active``, by id.
+
+    ``daily_start``/``daily_end`` are ``datetime.time``, ``period_*`` aware datetimes.
+    """
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            f"SELECT {', '.join(FENCE_COLUMNS)}, active FROM fences "  # noqa: S608 - constants
+            "WHERE %s OR active ORDER BY id",
+            (include_inactive,),
+        ).fetchall()
+
+
+def load_filing_rows(
+    conn: psycopg.Connection[Any],
+    since: datetime | None = None,
+    *,
+    states: Sequence[str] = ("approved",),
+) -> list[dict[str, Any]]:
+    """Filings in ``states`` that end at or after ``since`` (None: all), by id.
+
+    Keys: ``id, vehicle_id, plate, start, end, destination_fence, destination, purpose,
+    passengers, approver, filed_at, state``.  Only approved filings count for the rules.
+    """
+    if since is not None and since.tzinfo is None:
+        raise ValueError("since must be timezone-aware")
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            'SELECT f.id, f.vehicle_id, v.plate, f.starts_at AS start, f.ends_at AS "end", '
+            "f.destination_fence, d.name AS destination, f.purpose, f.passengers, f.approver, "
+            "f.filed_at, f.state FROM filings f JOIN vehicles v ON v.id = f.vehicle_id "
+            "LEFT JOIN fences d ON d.id = f.destination_fence "
+            "WHERE f.state = ANY(%s) AND (%s::timestamptz IS NULL OR f.ends_at >= %s) "
+            "ORDER BY f.id",
+            (list(states), since, since),
+        ).fetchall()
+
+
+def masterdata_version(conn: psycopg.Connection[Any]) -> int:
+    """The change counter of vehicles, fences and filings (grows with every change)."""
+    row = conn.execute("SELECT version FROM masterdata_state").fetchone()
+    if row is None:
+        raise StorageError("masterdata_state is empty: is the schema migrated?")
+    return int(row[0])
+
+
+def changed_since(conn: psycopg.Connection[Any], version: int) -> bool:
+    """Whether master data changed after ``version`` (from :func:`masterdata_version`)."""
+    return masterdata_version(conn) > version

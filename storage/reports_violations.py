@@ -1,0 +1,66 @@
+"""Periodic violation reports (articles 23-24): violations per owning unit and rule.
+
+A violation counts in the period in which its episode *opened* (China time), whatever the day it
+was declared: an unfiled trip on 30 September whose back-filing deadline passes on 9 October is
+a September violation.  Only alerts in state ``violation`` count (resolved back-filings and
+open episodes do not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from datetime import date, datetime
+from typing import Any
+
+import psycopg
+
+from storage.errors import StorageError
+from storage.schema import CHINA
+
+__all__ = ["ViolationCount", "month_bounds", "violations_by_unit_rule"]
+
+_PERIOD_RE = re.compile(r"^(\d{4})-(\d{2})$")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ViolationCount:
+    unit: str
+    rule: str
+    violations: int
+    vehicles: int  # distinct vehicles with a violation of this rule
+
+
+def month_bounds(period: str) -> tuple[datetime, datetime]:
+    """``YYYY-MM`` as the China-time month [start, end)."""
+    match = _PERIOD_RE.match(period)
+    if match is None:
+        raise StorageError(f"period must be YYYY-MM, got {period!r}")
+    year, month = int(match.group(1)), int(match.group(2))
+    if not 1 <= month <= 12:
+        raise StorageError(f"period month must be 01-12, got {period!r}")
+    start = datetime.combine(date(year, month, 1), datetime.min.time(), CHINA)
+    nxt = date(year + 1, 1, 1) if month == 12 else date(year, month + 1, 1)
+    return start, datetime.combine(nxt, datetime.min.time(), CHINA)
+
+
+def violations_by_unit_rule(
+    conn: psycopg.Connection[Any],
+    start: datetime,
+    end: datetime,
+    *,
+    unit: str | None = None,
+) -> list[ViolationCount]:
+    """Violations opened in [start, end), per unit and rule, ordered by unit then rule."""
+    if start.tzinfo is None or end.tzinfo is None:
+        raise StorageError("report bounds must be timezone-aware")
+    rows = conn.execute(
+        "SELECT unit, rule, count(*), count(DISTINCT vehicle_id) FROM alerts "
+        "WHERE state = 'violation' AND opened_at >= %s AND opened_at < %s "
+        "AND (%s::text IS NULL OR unit = %s::text) "
+        "GROUP BY unit, rule ORDER BY unit, rule",
+        (start, end, unit, unit),
+    ).fetchall()
+    return [
+        ViolationCount(unit=u, rule=r, violations=int(n), vehicles=int(v)) for u, r, n, v in rows
+    ]
