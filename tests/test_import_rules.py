@@ -44,6 +44,7 @@ WIRING = {
     "tools/alerts_cmd.py",
     "tools/report_cmd.py",
     "tools/rules_service.py",
+    "tools/rules_db.py",
 }
 
 SOCKET_MODULES = {"socket", "socketserver", "asyncio", "selectors", "ssl"}

@@ -9,7 +9,8 @@ drain the position writer, then stop the operator port and exit 0.
 
 With ``rules = true`` (``--rules``) the positions also go to the rule engine
 (:mod:`tools.rules_service`, through a :class:`~tools.rules_service.TeeSink`; acks still wait
-for storage only) and the operator port serves ``GET /alerts/stream`` from an in-memory feed.
+for storage only), alerts are kept in the database, and the operator port serves
+``GET /alerts/stream`` from the database's alert event log (:mod:`tools.rules_db`).
 For now the engine keeps its alerts in memory and starts with no master data (no vehicles,
 fences or filings): the database adapters replace these.
 """
@@ -23,7 +24,7 @@ import logging
 import multiprocessing
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:  # the heavy imports happen only when the command runs
     from ingest.interfaces import AuthRequest, MediaRecord, TerminalInfo
     from storage import MediaStore, PositionWriter, TerminalStore
     from storage import writer as storage_writer
+    from tools.rules_db import DatabaseAlertFeed
     from tools.rules_service import RuleService
 
 logger = logging.getLogger(__name__)
@@ -273,7 +275,7 @@ async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
     import prometheus_client  # noqa: PLC0415
     import trio  # noqa: PLC0415
 
-    from ingest import InMemoryAlertFeed, Metrics, PositionSink, Server  # noqa: PLC0415
+    from ingest import Metrics, PositionSink, Server  # noqa: PLC0415
     from storage import (  # noqa: PLC0415
         MediaStore,
         NotifyBus,
@@ -290,15 +292,27 @@ async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
     sessions = SessionTable(dsn)
     bus = NotifyBus(dsn)
     sink: PositionSink = WriterSink(writer)
-    feed: InMemoryAlertFeed | None = None
+    feed: DatabaseAlertFeed | None = None
     rules: RuleService | None = None
+    closing: list[Callable[[], None]] = []
     if config.rules:
-        from alerts import InMemoryAlertStore  # noqa: PLC0415
-        from tools.rules_service import RuleService, StaticMasterData, TeeSink  # noqa: PLC0415
+        from storage.alerts import AlertRepository  # noqa: PLC0415
+        from tools.rules_db import DatabaseAlertFeed, DatabaseMasterData  # noqa: PLC0415
+        from tools.rules_service import (  # noqa: PLC0415
+            RepositoryAlertStore,
+            RuleService,
+            TeeSink,
+        )
 
-        feed = InMemoryAlertFeed()
+        # Alerts and their events live in the database (every put appends an event and
+        # NOTIFYs), so the stream of any node shows every node's alerts.
+        feed = DatabaseAlertFeed(dsn)
+        alert_repository = AlertRepository(dsn)
+        closing.append(alert_repository.close)
         rules = RuleService(
-            master=StaticMasterData(), store=InMemoryAlertStore(), publish=feed.publish
+            master=DatabaseMasterData(dsn),
+            store=RepositoryAlertStore(alert_repository),
+            publish=None,
         )
         sink = TeeSink(sink, rules)
     server = Server(
@@ -347,6 +361,10 @@ async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
             services.cancel_scope.cancel()
     finally:
         store.close()
+        if feed is not None:
+            feed.close()
+        for close in closing:
+            close()
         media.close()
         sessions.close()
         bus.close()
