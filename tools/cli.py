@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "vehicles": ("tools.vehicles_cmd", "vehicle registry: import CSV"),
     "fences": ("tools.fences_cmd", "geofences: import GeoJSON"),
     "filings": ("tools.filings_cmd", "trip filings and dispatch orders: import CSV"),
-    "alerts": ("tools.alerts_cmd", "alerts: list history"),
+    "alerts": ("tools.alerts_cmd", "alerts: list history, tail the live stream"),
     "report": ("tools.report_cmd", "periodic reports: violations per unit and rule"),
 }
 
