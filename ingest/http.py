@@ -24,6 +24,15 @@ operators' curl need.
   answered 503); a client that does not take an event within :data:`REQUEST_TIMEOUT_S` is
   disconnected (nothing is buffered for it beyond the socket's own buffer).  404 when the node
   runs no alert feed.
+* Master data (when the node has a :class:`~ingest.interfaces.MasterDataAdmin`, else 404):
+  ``POST /vehicles`` (a JSON list of vehicle objects), ``POST /fences`` (a GeoJSON
+  FeatureCollection) and ``POST /filings`` (one filing object or a list) answer 201 with
+  ``{"ids": [...]}`` in input order once the change is in effect (no restart);
+  ``GET /vehicles`` (list), ``GET /fences`` (FeatureCollection) and ``GET /filings`` (list;
+  ``?since=ISO`` keeps filings ending at or after it, China time without an offset).  Bad
+  JSON or shape is 400 ``{"error": "bad_request", "detail"}``; refused data is 400
+  ``{"error": "invalid", "detail", "problems": [...]}`` listing every problem, and nothing is
+  stored.  The object formats are :class:`~ingest.interfaces.MasterDataAdmin`'s.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -40,7 +50,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ingest.commands import CommandBusyError, CommandError
-from ingest.interfaces import AlertFeed, AlertFilter
+from ingest.interfaces import AlertFeed, AlertFilter, MasterDataAdmin, MasterDataRejected
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +69,10 @@ REQUEST_TIMEOUT_S = 10.0
 # A command body is a few fields; a 0x8108 firmware package or a long route given as JSON hex
 # is the largest, and 1 MiB holds far more than one such command's 64 Ki packages need.
 MAX_REQUEST_BODY_BYTES = 1024 * 1024
+# Master data is posted in bulk: a fence set of 1,000 polygons of ~100 vertices is ~4 MB of
+# GeoJSON, and a year of a unit's filings a few MB.  16 MiB holds that with room and still
+# bounds what one request may make us hold (four such requests are 64 MiB).
+MAX_MASTERDATA_BODY_BYTES = 16 * 1024 * 1024
 # Alert streams hold their connection for as long as the operator watches: a quarter of the
 # connections (a few operators' ``alerts tail`` and a dashboard or two), so that scrapes,
 # health checks and commands always find room.  More are answered 503.
@@ -72,6 +86,9 @@ EVENT_STREAM = "text/event-stream"
 
 JSON = "application/json"
 _COMMANDS_PATH = re.compile(rb"/terminals/([^/]+)/commands")
+_MASTERDATA_PATHS = frozenset({b"/vehicles", b"/fences", b"/filings"})
+# Filing times without an offset are China time, as in the CSV import.
+CHINA = timezone(timedelta(hours=8))
 
 # (phone, msg_id, body) -> JSON answer; raises CommandError subclasses.
 CommandRunner = Callable[[str, object, object], Awaitable[dict[str, Any]]]
@@ -90,6 +107,7 @@ class OperatorHttp:
         healthy: Callable[[], bool],
         command: CommandRunner | None = None,
         alerts: AlertFeed | None = None,
+        masterdata: MasterDataAdmin | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -98,6 +116,7 @@ class OperatorHttp:
         self.healthy = healthy
         self.command = command
         self.alerts = alerts
+        self.masterdata = masterdata
         self._stream_slots = trio.CapacityLimiter(MAX_STREAMS)
         self._limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
         self._command_slots = trio.CapacityLimiter(MAX_COMMANDS)
@@ -162,6 +181,8 @@ class OperatorHttp:
             if request.method != b"POST":
                 return 405, JSON, _json({"error": "method not allowed", "allow": "POST"})
             return await self._command(match.group(1).decode("ascii", "replace"), content)
+        if path in _MASTERDATA_PATHS:
+            return await self._masterdata(request, path, content)
         if request.method not in (b"GET", b"HEAD"):
             return 405, JSON, _json({"error": "method not allowed"})
         if path == b"/metrics":
@@ -243,12 +264,50 @@ class OperatorHttp:
                 cursor = events[-1][0]
                 continue
             # Every event up to ``head_seq`` was seen: skip the ones the filters passed over,
-            # so they do not wake this stream again.
-            cursor = max(cursor, head_seq)
+            # so they do not wake this stream again.  An event committed after ``head_seq``
+            # was read may have been sent too: never step back behind it (it would be sent
+            # twice).
+            cursor = max(cursor, head_seq, events[-1][0] if events else 0)
             with trio.move_on_after(HEARTBEAT_S) as idle:
                 await feed.wait_for_new(cursor)
             if idle.cancelled_caught and not await _send(stream, _chunk(conn, b": heartbeat\n\n")):
                 return
+
+    async def _masterdata(
+        self, request: h11.Request, path: bytes, content: bytes
+    ) -> tuple[int, str, bytes]:
+        admin = self.masterdata
+        if admin is None:
+            return 404, JSON, _json({"error": "not found"})
+        try:
+            if request.method in (b"GET", b"HEAD"):
+                return 200, JSON, _json(await _read_masterdata(admin, request, path))
+            if request.method != b"POST":
+                return 405, JSON, _json({"error": "method not allowed", "allow": "GET, POST"})
+            document = json.loads(content)
+            if path == b"/fences":
+                if not isinstance(document, dict):
+                    raise ValueError("expected a GeoJSON FeatureCollection object")  # noqa: TRY301
+                ids = await admin.add_fences(document)
+            else:
+                if isinstance(document, dict) and path == b"/filings":
+                    document = [document]
+                if not isinstance(document, list):
+                    what = "a filing object or a list" if path == b"/filings" else "a list"
+                    raise ValueError(f"expected {what} of objects")  # noqa: TRY301
+                add = admin.add_filings if path == b"/filings" else admin.add_vehicles
+                ids = await add(document)
+        except MasterDataRejected as exc:
+            detail = f"{len(exc.problems)} problem(s), nothing stored"
+            body = {"error": "invalid", "detail": detail, "problems": list(exc.problems)}
+            return 400, JSON, _json(body)
+        except UnicodeDecodeError as exc:
+            return 400, JSON, _json({"error": "bad_request", "detail": f"not JSON: {exc}"})
+        except json.JSONDecodeError as exc:
+            return 400, JSON, _json({"error": "bad_request", "detail": f"not JSON: {exc}"})
+        except ValueError as exc:
+            return 400, JSON, _json({"error": "bad_request", "detail": str(exc)})
+        return 201, JSON, _json({"ids": ids})
 
     async def _command(self, phone: str, content: bytes) -> tuple[int, str, bytes]:
         if self.command is None:
@@ -286,6 +345,7 @@ async def _read_request(
     or sent nothing usable."""
     request: h11.Request | None = None
     body = bytearray()
+    cap = MAX_REQUEST_BODY_BYTES
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
@@ -296,14 +356,40 @@ async def _read_request(
             conn.receive_data(await stream.receive_some(RECV_BYTES))
         elif isinstance(event, h11.Request):
             request = event
+            if request.target.split(b"?", 1)[0] in _MASTERDATA_PATHS:
+                cap = MAX_MASTERDATA_BODY_BYTES
         elif isinstance(event, h11.Data) and request is not None:
             body += event.data
-            if len(body) > MAX_REQUEST_BODY_BYTES:
+            if len(body) > cap:
                 return request, None
         elif isinstance(event, h11.EndOfMessage) and request is not None:
             return request, bytes(body)
         else:
             return None
+
+
+async def _read_masterdata(admin: MasterDataAdmin, request: h11.Request, path: bytes) -> Any:
+    """The answer to a GET of master data; ValueError for bad query parameters."""
+    _, _, query = request.target.partition(b"?")
+    params = parse_qs(query.decode("utf-8", "replace"), keep_blank_values=False)
+    known = {"since"} if path == b"/filings" else set()
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; known: {sorted(known)}")
+    if path == b"/vehicles":
+        return await admin.vehicles()
+    if path == b"/fences":
+        return await admin.fences()
+    since = None
+    if "since" in params:
+        text = params["since"][-1]
+        try:
+            since = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"since must be an ISO 8601 time, got {text!r}") from None
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=CHINA)
+    return await admin.filings(since)
 
 
 def _stream_params(request: h11.Request) -> tuple[AlertFilter, int | None]:

@@ -18,6 +18,10 @@ small protocols.  The in-memory implementations serve the tests and a database-l
 * :class:`AlertFeed` -- the numbered alert events that ``GET /alerts/stream`` serves
   (:class:`InMemoryAlertFeed` in one process; the ``alert_events`` table with LISTEN/NOTIFY
   across nodes).  Alerts are plain JSON objects here: the server does not know the rules.
+* :class:`MasterDataAdmin` -- vehicles, fences and trip filings read and written by the
+  operator port (``/vehicles``, ``/fences``, ``/filings``), as plain JSON values;
+  :class:`InMemoryMasterDataAdmin` for tests (the database adapter validates with
+  ``storage.masterdata``'s checks).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import collections
 import dataclasses
 import itertools
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -612,3 +616,168 @@ class InMemoryAlertFeed:
             await trio.lowlevel.checkpoint()
             return
         await self._new.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Master data administration
+
+
+class MasterDataRejected(Exception):  # noqa: N818 - the name says what the caller sees
+    """Master data refused as a whole (nothing was written); ``problems`` names each."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class MasterDataAdmin(Protocol):
+    """Vehicles, fences and trip filings for the operator port, as decoded JSON values.
+
+    Writes are all-or-nothing: invalid input raises :class:`MasterDataRejected` listing every
+    problem and stores nothing.  A write returns the stored ids in input order, once the
+    change is in effect for the rules of this node.  Formats (the keys of the CSV imports):
+
+    * vehicle: ``{"plate", "phone" (digits or null), "unit", "category", "exempt" (bool),
+      "max_speed_kmh" (optional)}``, matched by plate;
+    * fences: a GeoJSON FeatureCollection (``geofence.geojson``), matched by id or name;
+    * filing: ``{"plate", "start", "end" (ISO 8601; China time without an offset),
+      "destination" (fence name or null), "purpose", "passengers", "approver", "filed_at"
+      (optional, default now), "state" (optional, default approved)}``, matched by vehicle and
+      window.  Read back with an ``"id"`` and times as ISO 8601 with their offset.
+    """
+
+    async def add_vehicles(self, items: list[Any]) -> list[int]: ...
+
+    async def add_fences(self, collection: Mapping[str, Any]) -> list[int]: ...
+
+    async def add_filings(self, items: list[Any]) -> list[int]: ...
+
+    async def vehicles(self) -> list[dict[str, Any]]: ...
+
+    async def fences(self) -> dict[str, Any]: ...
+
+    async def filings(self, since: datetime | None) -> list[dict[str, Any]]:
+        """Filings (every state) ending at or after ``since`` (None: all), by id."""
+        ...
+
+
+_FILING_KEYS = frozenset(
+    {"plate", "start", "end", "destination", "purpose", "passengers", "approver"}
+)
+
+
+class InMemoryMasterDataAdmin:
+    """A :class:`MasterDataAdmin` in dicts, with only the checks the tests need: objects with
+    the required keys, known plates and destinations, ISO times with end after start.
+    ``changed`` counts successful writes."""
+
+    def __init__(self, *, wall_clock: Callable[[], datetime]) -> None:
+        self.wall_clock = wall_clock
+        self._vehicles: dict[str, dict[str, Any]] = {}
+        self._fences: dict[str, dict[str, Any]] = {}  # by name
+        self._filings: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._ids = itertools.count(1)
+        self.changed = 0
+
+    async def add_vehicles(self, items: list[Any]) -> list[int]:
+        await trio.lowlevel.checkpoint()
+        required = {"plate", "phone", "unit", "category", "exempt"}
+        problems = [
+            f"vehicle {i}: missing keys {sorted(required - set(item))}"
+            for i, item in enumerate(items)
+            if not isinstance(item, Mapping) or not required <= set(item)
+        ]
+        if problems:
+            raise MasterDataRejected(problems)
+        ids = []
+        for item in items:
+            old = self._vehicles.get(item["plate"])
+            vehicle_id = next(self._ids) if old is None else old["id"]
+            self._vehicles[item["plate"]] = {"max_speed_kmh": None, **item, "id": vehicle_id}
+            ids.append(vehicle_id)
+        self.changed += 1
+        return ids
+
+    async def add_fences(self, collection: Mapping[str, Any]) -> list[int]:
+        await trio.lowlevel.checkpoint()
+        features = collection.get("features")
+        if collection.get("type") != "FeatureCollection" or not isinstance(features, list):
+            raise MasterDataRejected(["the document is not a GeoJSON FeatureCollection"])
+        problems = [
+            f"feature {i}: properties.name is required"
+            for i, f in enumerate(features)
+            if not isinstance(f, Mapping)
+            or not isinstance(f.get("properties"), Mapping)
+            or not f["properties"].get("name")
+        ]
+        if problems:
+            raise MasterDataRejected(problems)
+        ids = []
+        for feature in features:
+            name = feature["properties"]["name"]
+            old = self._fences.get(name)
+            fence_id = next(self._ids) if old is None else old["id"]
+            self._fences[name] = {**feature, "id": fence_id}
+            ids.append(fence_id)
+        self.changed += 1
+        return ids
+
+    async def add_filings(self, items: list[Any]) -> list[int]:
+        await trio.lowlevel.checkpoint()
+        problems = []
+        for i, item in enumerate(items):
+            if not isinstance(item, Mapping):
+                problems.append(f"filing {i}: expected a JSON object")
+                continue
+            missing = sorted(_FILING_KEYS - {"destination"} - set(item))
+            if missing:
+                problems.append(f"filing {i}: missing keys {missing}")
+                continue
+            if item["plate"] not in self._vehicles:
+                problems.append(f"filing {i}: unknown vehicle plate {item['plate']!r}")
+            destination = item.get("destination")
+            if destination is not None and destination not in self._fences:
+                problems.append(f"filing {i}: unknown fence {destination!r} as destination")
+            try:
+                if datetime.fromisoformat(item["end"]) <= datetime.fromisoformat(item["start"]):
+                    problems.append(f"filing {i}: end is not after start")
+            except (TypeError, ValueError):
+                problems.append(f"filing {i}: start and end must be ISO 8601 times")
+        if problems:
+            raise MasterDataRejected(problems)
+        ids = []
+        for item in items:
+            key = (item["plate"], item["start"], item["end"])
+            old = self._filings.get(key)
+            filing_id = next(self._ids) if old is None else old["id"]
+            filed_at = item.get("filed_at") or self.wall_clock().isoformat()
+            self._filings[key] = {
+                "destination": None,
+                "state": "approved",
+                **item,
+                "filed_at": filed_at if old is None else old["filed_at"],
+                "id": filing_id,
+            }
+            ids.append(filing_id)
+        self.changed += 1
+        return ids
+
+    async def vehicles(self) -> list[dict[str, Any]]:
+        await trio.lowlevel.checkpoint()
+        return sorted(self._vehicles.values(), key=lambda v: int(v["id"]))
+
+    async def fences(self) -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        features = sorted(self._fences.values(), key=lambda f: int(f["id"]))
+        return {"type": "FeatureCollection", "features": features}
+
+    async def filings(self, since: datetime | None) -> list[dict[str, Any]]:
+        await trio.lowlevel.checkpoint()
+        return sorted(
+            (
+                f
+                for f in self._filings.values()
+                if since is None or datetime.fromisoformat(f["end"]) >= since
+            ),
+            key=lambda f: int(f["id"]),
+        )

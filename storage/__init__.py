@@ -58,6 +58,8 @@ Rule engine data
   (``Alert.to_json()``), an ``alert_events`` log and ``NOTIFY jt808_alerts`` for live tails.
 * :mod:`storage.masterdata` -- vehicles, fences and filings as plain rows (CSV parsing, upserts,
   loads) and :func:`masterdata_version`, bumped by any change, for reloads without a restart.
+* :class:`TripRepository` (:mod:`storage.trips`) -- detected trips, upserted by (vehicle,
+  start) as they start and end.
 * :func:`violations_by_unit_rule` (:mod:`storage.reports_violations`) -- the periodic report.
 
 Metrics are in :mod:`storage.metrics` (prometheus_client, default registry).
@@ -73,6 +75,7 @@ from storage.masterdata import (
     MasterDataError,
     changed_since,
     filing_rows_from_csv,
+    filing_rows_from_json,
     load_fence_rows,
     load_filing_rows,
     load_registry_rows,
@@ -80,7 +83,9 @@ from storage.masterdata import (
     upsert_fences,
     upsert_filings,
     upsert_vehicles,
+    vehicle_ids,
     vehicle_rows_from_csv,
+    vehicle_rows_from_json,
 )
 from storage.media import MediaFile, MediaStore, StoredMedia, media_path
 from storage.reports import export_positions_csv, positions_per_unit, refresh_daily_stats
@@ -97,6 +102,7 @@ from storage.schema import (
 from storage.sessions import NotifyBus, SessionTable
 from storage.spool import Spool
 from storage.terminals import Registration, TerminalRecord, TerminalStore
+from storage.trips import TRIP_COLUMNS, TripRepository
 from storage.writer import Completion, Durability, PositionWriter, WriterConfig
 
 __all__ = [
@@ -104,6 +110,7 @@ __all__ = [
     "COLUMNS",
     "MASTERDATA_CHANNEL",
     "MIGRATIONS",
+    "TRIP_COLUMNS",
     "AlertRepository",
     "Completion",
     "Durability",
@@ -121,6 +128,7 @@ __all__ = [
     "TerminalRecord",
     "TerminalStore",
     "TimescaleOptions",
+    "TripRepository",
     "ViolationCount",
     "WriterClosedError",
     "WriterConfig",
@@ -133,6 +141,7 @@ __all__ = [
     "ensure_partitions",
     "export_positions_csv",
     "filing_rows_from_csv",
+    "filing_rows_from_json",
     "load_fence_rows",
     "load_filing_rows",
     "load_registry_rows",
@@ -147,6 +156,8 @@ __all__ = [
     "upsert_fences",
     "upsert_filings",
     "upsert_vehicles",
+    "vehicle_ids",
     "vehicle_rows_from_csv",
+    "vehicle_rows_from_json",
     "violations_by_unit_rule",
 ]

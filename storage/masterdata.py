@@ -488,3 +488,105 @@ def masterdata_version(conn: psycopg.Connection[Any]) -> int:
 def changed_since(conn: psycopg.Connection[Any], version: int) -> bool:
     """Whether master data changed after ``version`` (from :func:`masterdata_version`)."""
     return masterdata_version(conn) > version
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON -> rows (pure): the dispatch system's POSTs, with the CSV rows' checks
+
+
+def _text_fields(item: object, columns: Sequence[str], required: Sequence[str]) -> dict[str, str]:
+    """A JSON object as the CSV reader's text row (null -> empty, true/false, numbers as text);
+    _RowError naming every key problem."""
+    if not isinstance(item, Mapping):
+        raise _RowError(f"expected a JSON object, got {type(item).__name__}")
+    problems = []
+    missing = [c for c in required if c not in item]
+    if missing:
+        problems.append(f"missing keys {missing}")
+    unknown = sorted(str(k) for k in item if k not in columns)
+    if unknown:
+        problems.append(f"unknown keys {unknown} (known: {', '.join(columns)})")
+    row: dict[str, str] = {}
+    for key in columns:
+        value = item.get(key)
+        if value is None:
+            row[key] = ""
+        elif isinstance(value, bool):
+            row[key] = "true" if value else "false"
+        elif isinstance(value, str | int | float):
+            row[key] = str(value).strip()
+        else:
+            problems.append(f"{key} must be text, a number or null, got {type(value).__name__}")
+    if problems:
+        raise _RowError("; ".join(problems))
+    return row
+
+
+def _json_items(items: object, what: str) -> list[object]:
+    if isinstance(items, Mapping):
+        return [items]
+    if not isinstance(items, list):
+        raise MasterDataError([f"expected a JSON list of {what} objects"])
+    if not items:
+        raise MasterDataError([f"no {what} given"])
+    return items
+
+
+def vehicle_rows_from_json(items: object) -> list[dict[str, Any]]:
+    """Vehicle rows from decoded JSON: one object or a list with the keys of the CSV columns
+    (``plate, phone, unit, category, exempt``, optional ``max_speed_kmh``); ``phone`` may be
+    null, ``exempt`` a JSON boolean.  Every problem is collected into one
+    :class:`MasterDataError`, naming the item by its index (``vehicle 0``)."""
+    problems: list[str] = []
+    out: list[dict[str, Any]] = []
+    plates: dict[str, int] = {}
+    phones: dict[str, int] = {}
+    for i, item in enumerate(_json_items(items, "vehicle")):
+        try:
+            vehicle = _vehicle(_text_fields(item, VEHICLE_COLUMNS, _VEHICLE_REQUIRED))
+            if vehicle["plate"] in plates:
+                raise _RowError(f"plate already in vehicle {plates[vehicle['plate']]}")  # noqa: TRY301
+            phone = vehicle["phone"]
+            if phone is not None and phone in phones:
+                raise _RowError(f"phone {phone} already in vehicle {phones[phone]}")  # noqa: TRY301
+        except _RowError as exc:
+            problems.append(f"vehicle {i}: {exc}")
+            continue
+        out.append(vehicle)
+        plates[vehicle["plate"]] = i
+        if phone is not None:
+            phones[phone] = i
+    if problems:
+        raise MasterDataError(problems)
+    return out
+
+
+# A JSON filing may leave out its destination (null: no particular area).
+_FILING_REQUIRED_JSON = tuple(c for c in _FILING_REQUIRED if c != "destination")
+
+
+def filing_rows_from_json(items: object, *, now: datetime) -> list[dict[str, Any]]:
+    """Filing rows from decoded JSON: one object or a list with the keys of the CSV columns
+    (``plate, start, end, destination, purpose, passengers, approver``, optional ``filed_at``
+    (default ``now``) and ``state`` (default approved)); ``destination`` is a fence name or
+    null.  Problems are collected as for :func:`vehicle_rows_from_json` (``filing 0``)."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    problems: list[str] = []
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(_json_items(items, "filing")):
+        try:
+            out.append(_filing(_text_fields(item, FILING_COLUMNS, _FILING_REQUIRED_JSON), now))
+        except _RowError as exc:
+            problems.append(f"filing {i}: {exc}")
+    if problems:
+        raise MasterDataError(problems)
+    return out
+
+
+def vehicle_ids(conn: psycopg.Connection[Any], plates: Sequence[str]) -> list[int | None]:
+    """The ids of the vehicles with these plates, in order (None: no such vehicle)."""
+    found = dict(
+        conn.execute("SELECT plate, id FROM vehicles WHERE plate = ANY(%s)", (list(plates),))
+    )
+    return [None if found.get(p) is None else int(found[p]) for p in plates]

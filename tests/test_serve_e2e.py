@@ -158,11 +158,20 @@ async def test_auth_code_survives_a_restart(db: str, tmp_path: Path) -> None:
             await terminal.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+def _free_port(count: int = 1) -> int:
+    """A port with ``count`` consecutive free ports from it (workers serve http_port + i)."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        try:
+            for offset in range(1, count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
         return port
+    raise AssertionError(f"no {count} consecutive free ports")
 
 
 def _start_server(dsn: str, data_dir: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
@@ -181,7 +190,7 @@ def _start_server(dsn: str, data_dir: Path, port: int, *extra: str) -> subproces
             "--port",
             str(port),
             "--http-port",
-            str(_free_port()),
+            str(_free_port(count=4)),
             "--data-dir",
             str(data_dir),
             *extra,  # later flags win: extra may override the ones above

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replace", action="store_true", help="deactivate the fences not in FILE")
 
 
-def _explicit_id(feature: Any) -> bool:
+def explicit_id(feature: Any) -> bool:
     if not isinstance(feature, Mapping):
         return False
     props = feature.get("properties")
@@ -45,7 +45,7 @@ def _loader(*, replace: bool) -> Any:
         rows = []
         for fence, feature in zip(fences, features, strict=True):
             row = fence_row(fence)
-            if not _explicit_id(feature):
+            if not explicit_id(feature):
                 row["id"] = None  # matched by name, or a new id
             rows.append(row)
         return len(upsert_fences(conn, rows, replace=replace))

@@ -6,11 +6,19 @@
 * :class:`DatabaseAlertFeed` -- the ``alert_events`` log as the operator port's
   ``/alerts/stream`` source: every node streams every node's alerts, and a client resumes with
   Last-Event-ID from the log.
+* :class:`DatabaseMasterDataAdmin` -- ``ingest.MasterDataAdmin`` over :mod:`storage.masterdata`
+  (the operator port's ``/vehicles``, ``/fences``, ``/filings``): the JSON is checked by the
+  same row checks as the CSV imports and GeoJSON by ``geofence.geojson``, written in a worker
+  thread, and ``after_write`` (the rule service's ``reload``) runs before the answer, so a
+  POSTed filing is in effect when the dispatch system gets its 201.
+* :class:`DatabaseTripStore` -- ``tools.rules_service.TripStore`` over
+  ``storage.trips.TripRepository``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,11 +26,21 @@ import psycopg
 import trio
 
 from alerts import Filing, Registry
+from alerts.engine import TripRecord
 from geofence import Fence
-from ingest import AlertFilter
+from geofence.errors import GeoJSONError
+from geofence.geojson import fences_from_geojson, fences_to_geojson
+from ingest import AlertFilter, MasterDataRejected
 from storage import masterdata
 from storage.alerts import AlertRepository
-from tools.masterdata_cmd import fences_from_rows, filings_from_rows, registry_from_rows
+from storage.trips import TripRepository
+from tools.fences_cmd import explicit_id
+from tools.masterdata_cmd import (
+    fence_row,
+    fences_from_rows,
+    filings_from_rows,
+    registry_from_rows,
+)
 
 # Filings ending more than this long ago cannot matter to live rules: back-filing deadlines are
 # 3 working days (article 21), at most about 10 calendar days across the Spring Festival; 35
@@ -32,6 +50,10 @@ FILINGS_LOOKBACK = timedelta(days=35)
 # How often a waiting stream looks for new events in the log.  A log query is an index lookup
 # of max(seq); twice a second keeps the stream's delay well under a person's notice.
 FEED_POLL_S = 0.5
+
+# Master-data requests at once, each on a connection of its own: writes serialise on the
+# version row anyway (migration 5), and reads are small; two leave the pool for the rest.
+ADMIN_CONNECTIONS = 2
 
 
 def _utc_now() -> datetime:
@@ -93,3 +115,156 @@ class DatabaseAlertFeed:
 
     def close(self) -> None:
         self._repository.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Master data over HTTP
+
+
+def _json_value(value: Any) -> Any:
+    """Times as ISO 8601; instants in China time (GMT+8), as alerts show them."""
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        value = value.astimezone(masterdata.CHINA)
+    return value.isoformat() if hasattr(value, "isoformat") else value
+
+
+class DatabaseMasterDataAdmin:
+    """``ingest.MasterDataAdmin`` over the master-data tables.
+
+    Each request opens a connection in a worker thread (at most :data:`ADMIN_CONNECTIONS` at
+    once); writes are one transaction each (all or nothing).  ``after_write`` is awaited after
+    every successful write (the rule service's ``reload``), so the answer means "in effect".
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        after_write: Callable[[], Awaitable[object]] | None = None,
+        wall_clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self._dsn = dsn
+        self._after_write = after_write
+        self._wall_clock = wall_clock
+        self._limiter = trio.CapacityLimiter(ADMIN_CONNECTIONS)
+
+    async def _run(self, work: Callable[[psycopg.Connection[Any]], Any]) -> Any:
+        def call() -> Any:
+            with psycopg.connect(self._dsn, autocommit=True) as conn:
+                try:
+                    return work(conn)
+                except masterdata.MasterDataError as exc:
+                    raise MasterDataRejected(exc.problems) from exc
+                except GeoJSONError as exc:
+                    raise MasterDataRejected(exc.problems) from exc
+
+        return await trio.to_thread.run_sync(call, limiter=self._limiter)
+
+    async def _write(self, work: Callable[[psycopg.Connection[Any]], list[int]]) -> list[int]:
+        ids: list[int] = await self._run(work)
+        if self._after_write is not None:
+            await self._after_write()
+        return ids
+
+    async def add_vehicles(self, items: list[Any]) -> list[int]:
+        try:
+            rows = masterdata.vehicle_rows_from_json(items)
+        except masterdata.MasterDataError as exc:
+            raise MasterDataRejected(exc.problems) from exc
+
+        def write(conn: psycopg.Connection[Any]) -> list[int]:
+            with conn.transaction():
+                masterdata.upsert_vehicles(conn, rows)
+                ids = masterdata.vehicle_ids(conn, [r["plate"] for r in rows])
+            return [int(i) for i in ids if i is not None]
+
+        return await self._write(write)
+
+    async def add_fences(self, collection: Mapping[str, Any]) -> list[int]:
+        try:
+            fences = fences_from_geojson(collection)
+        except GeoJSONError as exc:
+            raise MasterDataRejected(exc.problems) from exc
+        rows = []
+        for fence, feature in zip(fences, collection["features"], strict=True):
+            row = fence_row(fence)
+            if not explicit_id(feature):
+                row["id"] = None  # matched by name, or a new id
+            rows.append(row)
+
+        def write(conn: psycopg.Connection[Any]) -> list[int]:
+            return masterdata.upsert_fences(conn, rows)
+
+        return await self._write(write)
+
+    async def add_filings(self, items: list[Any]) -> list[int]:
+        try:
+            rows = masterdata.filing_rows_from_json(items, now=self._wall_clock())
+        except masterdata.MasterDataError as exc:
+            raise MasterDataRejected(exc.problems) from exc
+
+        def write(conn: psycopg.Connection[Any]) -> list[int]:
+            return masterdata.upsert_filings(conn, rows)
+
+        return await self._write(write)
+
+    async def vehicles(self) -> list[dict[str, Any]]:
+        rows = await self._run(masterdata.load_registry_rows)
+        return [{k: _json_value(v) for k, v in row.items()} for row in rows]
+
+    async def fences(self) -> dict[str, Any]:
+        rows = await self._run(masterdata.load_fence_rows)
+        # Through the engine's fences, so GET gives back what POST takes.
+        document: dict[str, Any] = json.loads(
+            json.dumps(fences_to_geojson(fences_from_rows(rows)), default=_json_value)
+        )
+        return document
+
+    async def filings(self, since: datetime | None) -> list[dict[str, Any]]:
+        def read(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+            return masterdata.load_filing_rows(conn, since, states=masterdata.FILING_STATES)
+
+        rows = await self._run(read)
+        return [
+            {
+                k: _json_value(v)
+                for k, v in row.items()
+                if k not in ("vehicle_id", "destination_fence")
+            }
+            for row in rows
+        ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Trips
+
+
+def trip_row(trip: TripRecord) -> dict[str, Any]:
+    """A trip as a row of ``storage.trips.TripRepository``."""
+    return {
+        "vehicle_id": trip.vehicle,
+        "started_at": trip.started_at,
+        "seq": trip.seq,
+        "phone": trip.phone,
+        "start_lon": trip.start_lon,
+        "start_lat": trip.start_lat,
+        "ended_at": trip.ended_at,
+        "end_lon": trip.end_lon,
+        "end_lat": trip.end_lat,
+        "distance_km": trip.distance_km,
+        "distance_source": trip.distance_source,
+        "filing_id": trip.filing,
+    }
+
+
+class DatabaseTripStore:
+    """``tools.rules_service.TripStore`` over the trips table (blocking, worker thread)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.repository = TripRepository(dsn)
+
+    def put_trips(self, trips: Sequence[TripRecord]) -> None:
+        self.repository.upsert([trip_row(t) for t in trips])
+
+    def close(self) -> None:
+        self.repository.close()

@@ -15,9 +15,13 @@ engine); neither package knows the other.
   and hands each changed alert to ``publish`` (the node's alert feed).  Every ``tick_s`` it
   advances the engine's clock (deadlines, silent terminals); every ``reload_s`` it asks the
   :class:`MasterData` source for its version and reloads vehicles, fences and filings when it
-  changed, so master-data changes take effect without a restart.
+  changed, so master-data changes take effect without a restart.  Trips the engine detects
+  (started and ended) go to a :class:`TripStore` (the database's trips table) from the same
+  worker thread.  :meth:`RuleService.drain` stops taking batches, evaluates the ones still
+  queued and returns (graceful shutdown).
 * :class:`MasterData` -- the source of vehicles, fences and filings; :class:`StaticMasterData`
   is the in-memory one (tests, nodes without a database).
+* :class:`TripStore` -- where trips go; :class:`InMemoryTripStore` keeps them in a dict.
 * :class:`RepositoryAlertStore` -- :class:`alerts.AlertStore` over a repository that keeps
   alerts as JSON dicts (the database's ``AlertRepository``).
 """
@@ -43,6 +47,7 @@ from alerts import (
     RulesConfig,
     WorkingCalendar,
 )
+from alerts.engine import TripRecord
 from geofence import Fence
 from ingest.interfaces import Completion, PositionRecord, PositionSink
 from protocol.batch import MILEAGE_ABSENT, TIME_ABSENT
@@ -50,11 +55,13 @@ from protocol.messages.location import Mileage
 
 __all__ = [
     "AlertRepository",
+    "InMemoryTripStore",
     "MasterData",
     "RepositoryAlertStore",
     "RuleService",
     "StaticMasterData",
     "TeeSink",
+    "TripStore",
     "records_to_batch",
 ]
 
@@ -130,6 +137,33 @@ class StaticMasterData:
             old_filings if filings is None else tuple(filings),
         )
         self._version += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Trips
+
+
+class TripStore(Protocol):
+    """Where detected trips go.  Blocking (called from the rule service's worker thread); a
+    trip comes once when it starts (``ended_at`` None) and again when it ends, keyed by
+    (vehicle, started_at).  May raise: the service logs it and goes on."""
+
+    def put_trips(self, trips: Sequence[TripRecord]) -> None: ...
+
+
+class InMemoryTripStore:
+    """:class:`TripStore` in a dict keyed by (vehicle, started_at); an end replaces the
+    start's record."""
+
+    def __init__(self) -> None:
+        self.trips: dict[tuple[int, datetime], TripRecord] = {}
+
+    def put_trips(self, trips: Sequence[TripRecord]) -> None:
+        for trip in trips:
+            old = self.trips.get((trip.vehicle, trip.started_at))
+            if old is not None and old.ended_at is not None and trip.ended_at is None:
+                continue  # an end once seen is not taken back by a resent start
+            self.trips[(trip.vehicle, trip.started_at)] = trip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +288,8 @@ class RuleService:
     """Runs a :class:`alerts.RuleEngine` on the positions the server receives.
 
     ``master`` gives vehicles, fences and filings; ``store`` keeps the alerts (the engine's
-    :class:`alerts.InMemoryAlertStore` if None); ``publish`` receives every created or changed
+    :class:`alerts.InMemoryAlertStore` if None); ``trips`` receives detected trips (dropped
+    if None); ``publish`` receives every created or changed
     alert as JSON, in the order the engine reports them (an ``InMemoryAlertFeed.publish``; None
     when the store itself publishes, as the database does with NOTIFY).  ``wall_clock`` is the
     time given to :meth:`alerts.RuleEngine.tick`.  Start :meth:`run` with ``nursery.start``.
@@ -265,6 +300,7 @@ class RuleService:
         *,
         master: MasterData,
         store: AlertStore | None = None,
+        trips: TripStore | None = None,
         publish: Publish | None = None,
         calendar: WorkingCalendar | None = None,
         config: RulesConfig | None = None,
@@ -276,6 +312,7 @@ class RuleService:
     ) -> None:
         self.master = master
         self.store = store
+        self.trips = trips
         self.publish = publish
         self.calendar = calendar
         self.config = config
@@ -287,6 +324,8 @@ class RuleService:
         self.version: int | None = None
         self.batches = 0  # batches evaluated
         self.failures = 0  # evaluations that raised (logged, batch skipped)
+        self.trip_failures = 0  # trip writes that raised (logged, trips not stored)
+        self._drained = trio.Event()
         self._phones = _PhoneIndex(Registry(()))
         self._filings: dict[int, Filing] = {}  # what the engine holds, to apply changes only
         self._limiter = trio.CapacityLimiter(1)  # the engine is not thread-safe
@@ -313,12 +352,22 @@ class RuleService:
                 while len(batches) < COALESCE_BATCHES:
                     try:
                         batches.append(self._receive.receive_nowait())
-                    except trio.WouldBlock:
+                    except (trio.WouldBlock, trio.EndOfChannel):  # EndOfChannel: drained
                         break
                 result = await trio.to_thread.run_sync(
                     self._evaluate, batches, limiter=self._limiter
                 )
                 self._publish(result)
+            # drain() closed the queue and everything in it was evaluated.
+            self._drained.set()
+            nursery.cancel_scope.cancel()
+
+    async def drain(self) -> None:
+        """Stop taking batches (later ``submit`` calls drop theirs), evaluate the ones still
+        queued, and return once :meth:`run` has finished them (and returned).  The caller
+        bounds the wait; cancelling it leaves the rest unevaluated."""
+        await self._send.aclose()
+        await self._drained.wait()
 
     async def tick(self) -> None:
         """Advance the engine's clock to ``wall_clock()`` now (the periodic task does this)."""
@@ -397,16 +446,30 @@ class RuleService:
             logger.exception("rules: evaluating %s batch(es) failed", len(batches))
             return None
         self.batches += len(batches)
+        self._store_trips(result)
         return result
 
     def _tick(self, now: datetime) -> EngineResult | None:
         assert self.engine is not None
         try:
-            return self.engine.tick(now)
+            result = self.engine.tick(now)
         except Exception:
             self.failures += 1
             logger.exception("rules: tick at %s failed", now.isoformat())
             return None
+        self._store_trips(result)
+        return result
+
+    def _store_trips(self, result: EngineResult) -> None:
+        trips = [*result.trips_started, *result.trips_ended]
+        if self.trips is None or not trips:
+            return
+        try:
+            self.trips.put_trips(trips)
+        except Exception:
+            # Alerts were judged and stored regardless; the trips of this call are lost.
+            self.trip_failures += 1
+            logger.exception("rules: storing %s trip record(s) failed", len(trips))
 
     def _reload(self) -> EngineResult | None:
         engine = self.engine
