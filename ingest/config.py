@@ -132,9 +132,11 @@ class ServerConfig:
     # Where the embedded PostgreSQL (no dsn configured) and the default spool keep their files.
     data_dir: Path = Path("jt808-data")
     # Run the rule engine on the received positions and serve ``GET /alerts/stream``.  Off by
-    # default until the vehicles, fences and filings come from the database: without master
-    # data the engine knows no vehicle and would only cost a thread hop per batch.
+    # default: with several workers each judges only the vehicles whose connections it holds.
     rules: bool = False
+    # TOML file with the rule settings (a table per rule name) and local sealing periods
+    # (``[[sealing]]`` with start, end, name); None: the defaults, national calendar only.
+    rules_file: Path | None = None
 
     def __post_init__(self) -> None:
         problems = _validate(self)
@@ -215,6 +217,7 @@ _FLAG_FIELDS = {
     "media_dir": "media_dir",
     "node_id": "node_id",
     "rules": "rules",
+    "rules_file": "rules_file",
 }
 
 
@@ -248,6 +251,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="run the rule engine and serve /alerts/stream (default off)",
+    )
+    parser.add_argument(
+        "--rules-file",
+        dest="rules_file",
+        type=Path,
+        metavar="FILE",
+        help="TOML: rule settings and local sealing periods",
     )
 
 

@@ -18,14 +18,16 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import trio
 
-from alerts import Filing, Registry
+from alerts import Filing, Registry, RuleConfigError, RulesConfig, SealingPeriod, WorkingCalendar
 from alerts.engine import TripRecord
 from geofence import Fence
 from geofence.errors import GeoJSONError
@@ -268,3 +270,54 @@ class DatabaseTripStore:
 
     def close(self) -> None:
         self.repository.close()
+
+
+class RulesFileError(Exception):
+    """The rules file is unreadable or holds an unknown key or a bad value."""
+
+
+def load_rules_file(path: Path) -> tuple[RulesConfig, WorkingCalendar]:
+    """The rule settings and the calendar with local sealing periods, from a TOML file::
+
+        [rules.overspeed]
+        enabled = true
+
+        [[sealing]]
+        name = "provincial sealing order"
+        start = 2026-12-31T18:00:00+08:00
+        end = 2027-01-02T08:00:00+08:00
+
+    ``[rules]`` holds a table per rule name (``alerts.RULE_NAMES``) as
+    ``alerts.RulesConfig.from_mapping`` reads them; times without an offset are China time.
+    """
+    try:
+        with path.open("rb") as f:
+            document = tomllib.load(f)
+    except OSError as exc:
+        raise RulesFileError(f"cannot read rules file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise RulesFileError(f"{path} is not valid TOML: {exc}") from exc
+    unknown = sorted(set(document) - {"rules", "sealing"})
+    if unknown:
+        raise RulesFileError(f"{path}: unknown key(s) {', '.join(unknown)}; known: rules, sealing")
+    try:
+        config = RulesConfig.from_mapping(document.get("rules", {}))
+        periods = [_sealing_period(entry) for entry in document.get("sealing", [])]
+    except (RuleConfigError, ValueError, TypeError, KeyError) as exc:
+        raise RulesFileError(f"{path}: {exc}") from exc
+    return config, WorkingCalendar(sealing_periods=periods)
+
+
+def _sealing_period(entry: Any) -> SealingPeriod:
+    if not isinstance(entry, dict) or set(entry) - {"start", "end", "name"}:
+        raise ValueError(f"a [[sealing]] entry has start, end and name only: {entry!r}")
+    start, end = (_china_time(entry[key]) for key in ("start", "end"))
+    return SealingPeriod(start=start, end=end, name=str(entry.get("name", "local sealing period")))
+
+
+def _china_time(value: Any) -> datetime:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if not isinstance(value, datetime):
+        raise TypeError(f"{value!r} is not a date and time")
+    return value if value.tzinfo else value.replace(tzinfo=masterdata.CHINA)

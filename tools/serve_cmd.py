@@ -196,6 +196,14 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         logger.error("%s", exc)  # noqa: TRY400 - a usage error, not a crash
         return EXIT_USAGE
+    if config.rules_file is not None:
+        from tools.rules_db import RulesFileError, load_rules_file  # noqa: PLC0415
+
+        try:
+            load_rules_file(config.rules_file)  # refuse a bad file before anything starts
+        except RulesFileError as exc:
+            logger.error("%s", exc)  # noqa: TRY400
+            return EXIT_USAGE
     data_dir: Path = args.data_dir or config.data_dir
     try:
         with database_dsn(config.dsn, data_dir / "pgdata") as dsn:
@@ -308,6 +316,7 @@ async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
             DatabaseAlertFeed,
             DatabaseMasterData,
             DatabaseTripStore,
+            load_rules_file,
         )
         from tools.rules_service import (  # noqa: PLC0415
             RepositoryAlertStore,
@@ -322,11 +331,16 @@ async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
         closing.append(alert_repository.close)
         trips = DatabaseTripStore(dsn)
         closing.append(trips.close)
+        rules_config, calendar = (
+            load_rules_file(config.rules_file) if config.rules_file else (None, None)
+        )
         rules = RuleService(
             master=DatabaseMasterData(dsn),
             store=RepositoryAlertStore(alert_repository),
             trips=trips,
             publish=None,
+            calendar=calendar,
+            config=rules_config,
         )
         sink = TeeSink(sink, rules)
     from tools.rules_db import DatabaseMasterDataAdmin  # noqa: PLC0415
