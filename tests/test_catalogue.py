@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import decode_body
-from protocol.errors import RemoteProtocolError
+from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.header import Edition
 from protocol.messages import REGISTRY
 from protocol.messages.base import Message
@@ -30,6 +30,12 @@ def test_any_body_decodes_or_raises_the_typed_error(
     assert isinstance(message, Message)
     assert message.msg_id == msg_id
     json.dumps(message.to_json(), ensure_ascii=False)  # what `jt808 decode` prints
-    # what decodes re-encodes, and the re-encoded body decodes to the same message
-    again, _ = decode_body(msg_id, message.encode(decoded_as), decoded_as)
+    # What decodes re-encodes, and the re-encoded body decodes to the same message -- except
+    # where reading is deliberately more lenient than writing (a text longer than the
+    # standard's cap is read, but we never send one): then encoding is refused as our misuse.
+    try:
+        body_again = message.encode(decoded_as)
+    except LocalProtocolError:
+        return
+    again, _ = decode_body(msg_id, body_again, decoded_as)
     assert again == message
