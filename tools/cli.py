@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("tools.serve_cmd", "run the JT/T 808 server"),
     "decode": ("tools.decode_cmd", "decode JT/T 808 frames to JSON lines"),
     "simulate": ("tools.simulate_cmd", "simulate a fleet of JT/T 808 terminals (loopback only)"),
+    "replay": ("tools.replay_cmd", "replay captured terminal traffic (loopback only)"),
     "db": ("tools.db_cmd", "database administration: migrate"),
     "export": ("tools.export_cmd", "export stored positions as CSV"),
     "send": ("tools.send_cmd", "send a downlink command to a terminal through a node"),

@@ -56,7 +56,7 @@ which binds the socket to a chosen loopback source address first (trio.open_tcp_
 local-address parameter); it is the one place here that uses ``trio.socket``.
 
 Capture: with ``capture_dir`` every connection's *outbound* bytes are recorded in the capture
-format of :mod:`ingest.capture` (header, then ``offset_ns``/``length``/``data`` records), see
+format of :mod:`protocol.capture` (header, then ``offset_ns``/``length``/``data`` records), see
 :class:`CaptureFile`.  The peer recorded is the simulated terminal's own address, which is what
 the server's capture of the same connection would show.
 """
@@ -82,6 +82,7 @@ from typing import Any, BinaryIO, Final
 
 import trio
 
+from protocol import capture
 from protocol.codec import MAX_BODY, Packet, decode_frame, encode, encode_split, parse_frame
 from protocol.errors import (
     RESULT_ALARM_CONFIRMED,
@@ -774,13 +775,7 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------------------
-# Capture (the format of ingest/capture.py, written here without importing ingest)
-
-CAPTURE_MAGIC = b"JT808CAP"
-CAPTURE_VERSION = 1
-CAPTURE_SUFFIX = ".jt808cap"
-_CAPTURE_HEAD = struct.Struct(">8sHQH")  # magic, version, start_wall_ns, peer_length
-_CAPTURE_RECORD = struct.Struct(">QI")  # offset_ns, length
+# Capture (the format of protocol/capture.py, which ingest/capture.py writes as well)
 
 
 class CaptureFile:
@@ -788,18 +783,30 @@ class CaptureFile:
 
     Records are buffered (at most :data:`CAPTURE_FLUSH_BYTES`) and written from a worker thread,
     so the terminals never block on the disk; a file stops growing at ``max_bytes`` (the records
-    up to there stay whole).  The name follows the server's:
+    up to there stay whole).  The name follows the server's (:func:`protocol.capture.capture_name`):
     ``<UTC start %Y%m%dT%H%M%S.%fZ>-<pid>-<connection number>.jt808cap``.
     """
 
-    def __init__(self, file: BinaryIO, path: Path, *, start: float, max_bytes: int) -> None:
+    def __init__(
+        self, file: BinaryIO, path: Path, *, start: float, encoder: capture.CaptureEncoder
+    ) -> None:
         self._file = file
         self.path = path
         self._start = start
-        self._max_bytes = max_bytes
+        self._encoder = encoder
         self._buffer = bytearray()
-        self.written = 0
-        self.stopped = False
+
+    @property
+    def written(self) -> int:
+        return self._encoder.written
+
+    @property
+    def stopped(self) -> bool:
+        return self._encoder.stopped
+
+    @stopped.setter
+    def stopped(self, value: bool) -> None:
+        self._encoder.stopped = value
 
     @classmethod
     async def open(
@@ -812,36 +819,24 @@ class CaptureFile:
         start: float,
         max_bytes: int,
     ) -> CaptureFile:
-        name = f"{wall.astimezone(UTC):%Y%m%dT%H%M%S.%fZ}-{os.getpid()}-{connection}"
-        path = directory / f"{name}{CAPTURE_SUFFIX}"
+        path = directory / capture.capture_name(wall, pid=os.getpid(), connection=connection)
         file = await trio.to_thread.run_sync(path.open, "xb")
-        capture = cls(file, path, start=start, max_bytes=max_bytes)
-        peer_bytes = peer.encode("utf-8")[:0xFFFF]
-        wall_ns = (wall - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1) * 1000
-        capture._append(
-            _CAPTURE_HEAD.pack(CAPTURE_MAGIC, CAPTURE_VERSION, wall_ns, len(peer_bytes))
-        )
-        capture._append(peer_bytes)
-        return capture
-
-    def _append(self, data: bytes) -> None:
-        self._buffer += data
-        self.written += len(data)
+        encoder = capture.CaptureEncoder(start=wall, peer=peer, max_bytes=max_bytes)
+        out = cls(file, path, start=start, encoder=encoder)
+        out._buffer += encoder.header()
+        return out
 
     def record(self, data: bytes, *, now: float) -> bool:
         """Buffer a record of ``data`` sent at trio time ``now``; True when a flush is due."""
-        if self.stopped:
+        if self._encoder.stopped:
             return False
-        size = _CAPTURE_RECORD.size + len(data)
-        if self.written + size > self._max_bytes:
-            self.stopped = True
+        packed = self._encoder.record(data, offset=capture.offset_ns(now, self._start))
+        if packed is None:
             logger.warning(
                 "capture %s reached %s bytes; recording stopped", self.path, self.written
             )
             return bool(self._buffer)
-        offset_ns = max(0, round((now - self._start) * 1e9))
-        self._append(_CAPTURE_RECORD.pack(offset_ns, len(data)))
-        self._append(data)
+        self._buffer += packed
         return len(self._buffer) >= CAPTURE_FLUSH_BYTES
 
     async def flush(self) -> None:

@@ -1,0 +1,788 @@
+"""End to end on this machine: ``jt808 serve`` + PostgreSQL + ``jt808 simulate``, in one run.
+
+    .venv/bin/python bench/e2e.py [--quick] [--dsn DSN] [--terminals N] [--duration-s S]
+                                  [--workers 1,2] [--connections N] [--mode all|throughput|scale]
+
+Throughput (once per ``--workers`` value): a scratch database is created on the PostgreSQL
+server of ``--dsn`` (default ``postgresql://postgres@127.0.0.1:5432/postgres``) and dropped at
+the end; the server runs as ``jt808 serve --workers N`` against it with durable acks (an 0x8001
+leaves only once its position is committed or fsynced to the spool); ``--sim-processes``
+simulator processes run ``--terminals`` terminals in all, each sending one 0x0200 per position
+every ``--interval-s`` (``--group`` of them written together).  Reported:
+
+* ``sent`` / ``acked``: positions the simulators sent and got an 0x8001 result 0 for;
+  ``stored``: rows in ``positions`` afterwards.  Zero loss means all three agree.
+* ``stored_per_s``: rows stored per second in the steady part of the run (ramp excluded),
+  counted in the database by ``received_at``.
+* ``p50_ack_ms`` / ``p99_ack_ms``: from a message's first transmission to its 0x8001, over the
+  merged latency histograms of the simulators (4.4 % buckets, upper edge reported), in the
+  steady part; ``*_whole_run`` adds the connect ramp (registration and authentication of every
+  terminal at once, which waits on the database).
+* the server's own view from its ``/metrics``: ack latency (receipt to 0x8001), writer batches
+  (rows per batch, write time), reports waiting for storage.
+* server CPU (per cent of one core, summed over the server's processes) and RSS (summed), the
+  PostgreSQL server's CPU, the simulators' CPU, all sampled with psutil during the steady part.
+
+Connection scale (``--connections N``): N idle terminals that register, authenticate and then
+only send heartbeats (every ``--heartbeat-s``), spread over several simulator processes (a
+process may hold at most 20,000 descriptors here) bound to several loopback source addresses
+(about 28,000 ephemeral ports each), against a server with one worker per 18,000 connections.
+Terminals connect at ``--scale-rate`` per second: each registers and authenticates, and both
+wait on one database connection per worker (``storage.TerminalStore``), so a faster storm only
+queues them until the server's authentication timeout closes them.  Reported: how many got
+online and stayed so, heartbeat acks and their p99 after the ramp, and the server's RSS per
+connection = (RSS with the connections - RSS before them) / connections held, sampled near the
+end of the hold (with the server's own count of authenticated sessions at that moment).
+
+Every run is bounded: each child has a deadline after which it is killed, and the script
+stops by itself.  ``--quick`` is a scaled-down run (under a minute).  The last line is one JSON
+object: the best zero-loss throughput run's figures and the scale run's RSS per connection
+(or the throughput run's, without a scale run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+# Run as a script, this file's folder is first on sys.path and would shadow nothing, but the
+# repository root must be there for the project's packages (as pytest arranges for tests).
+_HERE = Path(__file__).resolve().parent
+_ROOT = _HERE.parent
+sys.path[:] = [str(_ROOT), *(p for p in sys.path if Path(p or ".").resolve() != _HERE)]
+
+import psutil  # noqa: E402
+import psycopg  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from psycopg import sql  # noqa: E402
+from psycopg.conninfo import make_conninfo  # noqa: E402
+
+from tools.simulate import LatencyHistogram  # noqa: E402
+
+DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+# A process may hold at most 20,000 descriptors here (the limit cannot be raised): leave room
+# for everything that is not a connection.
+CONNECTIONS_PER_PROCESS = 18_000
+# Ephemeral ports 32768-60999: ~28,000 per source address; stay well below.
+CONNECTIONS_PER_SOURCE = 20_000
+SAMPLE_S = 0.5
+# After the connect ramp: time for the registrations' backlog to clear before the steady part.
+SETTLE_S = 2.0
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# ---------------------------------------------------------------------------------------------
+# Database
+
+
+@contextlib.contextmanager
+def scratch_database(dsn: str) -> Iterator[str]:
+    """A fresh database on ``dsn``'s server, dropped afterwards (even if a backend lingers)."""
+    name = f"e2e_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_conninfo(dsn, dbname=name)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def count_rows(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM positions").fetchone()
+    return int(row[0]) if row else 0
+
+
+def stored_rate(dsn: str, since: float, until: float) -> tuple[int, float]:
+    """Rows whose ``received_at`` lies in [since, until] (Unix seconds), and per second."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM positions"
+            " WHERE received_at >= to_timestamp(%s) AND received_at < to_timestamp(%s)",
+            (since, until),
+        ).fetchone()
+    rows = int(row[0]) if row else 0
+    return rows, rows / max(until - since, 1e-9)
+
+
+def wait_until_stable(dsn: str, timeout_s: float) -> int:
+    """Row count once it stops changing (the writer flushes within 0.2 s of a batch opening)."""
+    deadline = time.monotonic() + timeout_s
+    last = -1
+    while time.monotonic() < deadline:
+        rows = count_rows(dsn)
+        if rows == last:
+            return rows
+        last = rows
+        time.sleep(1.0)
+    return last
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JT808_")}
+    env.update(extra or {})
+    return env
+
+
+def stop(process: subprocess.Popen[Any], timeout_s: float = 30.0) -> int | None:
+    """SIGTERM, then SIGKILL after ``timeout_s``; the exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+@dataclasses.dataclass
+class ServerRun:
+    process: subprocess.Popen[bytes]
+    port: int
+    http_port: int
+    log_path: Path
+
+    def tree(self) -> list[psutil.Process]:
+        try:
+            parent = psutil.Process(self.process.pid)
+            return [parent, *parent.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def workers(self) -> list[psutil.Process]:
+        tree = self.tree()
+        return tree[1:] if len(tree) > 1 else tree
+
+
+@contextlib.contextmanager
+def server(
+    dsn: str, workdir: Path, *, workers: int, env: dict[str, str] | None = None
+) -> Iterator[ServerRun]:
+    port, http_port = free_port(), free_port()
+    log_path = workdir / f"server-w{workers}-{port}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tools.cli",
+                "--log-level",
+                "WARNING",
+                "serve",
+                "--dsn",
+                dsn,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--http-port",
+                str(http_port),
+                "--data-dir",
+                str(workdir / f"data-{port}"),
+                "--workers",
+                str(workers),
+            ],
+            cwd=_ROOT,
+            env=_env(env),
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+    run = ServerRun(process, port, http_port, log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError("server exited: " + log_path.read_text()[-2000:])
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start: " + log_path.read_text()[-2000:])
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                if workers == 1 or len(run.workers()) >= workers:
+                    break
+            time.sleep(0.2)
+        time.sleep(1.0)  # let every worker finish starting (all listen on the port)
+        yield run
+    finally:
+        status = stop(process, timeout_s=60)
+        if status not in (0, None):
+            log(f"  (server exited {status}; log {log_path})")
+
+
+def simulators(
+    port: int,
+    *,
+    terminals: int,
+    processes: int,
+    settings: dict[str, Any],
+    sources: Sequence[str] = (),
+) -> list[subprocess.Popen[str]]:
+    """Start ``processes`` simulator processes sharing ``terminals`` (distinct phones).
+
+    Each runs :class:`tools.simulate.Simulator` (what ``jt808 simulate`` runs) through
+    :func:`simulate_child`, because the benchmark needs ``time_scale``, which the command does
+    not offer: see the module docstring.
+    """
+    out = []
+    share = math.ceil(terminals / processes)
+    for index in range(processes):
+        count = min(share, terminals - index * share)
+        if count <= 0:
+            break
+        config = {
+            "port": port,
+            "terminals": count,
+            "phone_base": 13_000_000_000 + index * 1_000_000,
+            "source_addresses": list(sources),
+            **settings,
+        }
+        out.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--simulate-child",
+                    json.dumps(config),
+                ],
+                cwd=_ROOT,
+                env=_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    return out
+
+
+def simulate_child(config_json: str) -> int:
+    """A simulator process: run the fleet, print its statistics as one JSON line.
+
+    After ``warmup_s`` the latency histogram starts afresh, so that ``p50_ack_ms`` and
+    ``p99_ack_ms`` cover the steady part (the connect storm of the ramp, registrations and
+    authentications included, is in ``latency_histogram_all``).
+    """
+    import trio  # noqa: PLC0415
+
+    from tools.simulate import SimConfig, Simulator  # noqa: PLC0415
+
+    settings = json.loads(config_json)
+    settings["source_addresses"] = tuple(settings.get("source_addresses", ()))
+    gc_threshold = settings.pop("gc_threshold", None)
+    warmup_s = settings.pop("warmup_s", 0.0)
+    simulator = Simulator(SimConfig(progress_s=None, **settings))
+    clock = GcClock()
+    if gc_threshold:
+        # The load generator should cost as little as it can: thousands of long-lived terminal
+        # objects make every full collection slow, so collect rarely (see --sim-gc).
+        gc.freeze()
+        gc.set_threshold(*gc_threshold)
+    whole = LatencyHistogram()
+
+    async def steady_after_warmup() -> None:
+        await trio.sleep(warmup_s)
+        whole.merge(simulator.stats.latency)
+        simulator.stats.latency = LatencyHistogram()
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            if warmup_s:
+                nursery.start_soon(steady_after_warmup)
+            await simulator.run()
+            nursery.cancel_scope.cancel()
+
+    trio.run(run)
+    stats = simulator.stats
+    out = stats.to_json()
+    whole.merge(stats.latency)
+    out["latency_histogram_all"] = whole.to_json()
+    out["gc_s"] = round(clock.seconds, 3)
+    print(json.dumps(out, separators=(",", ":")), flush=True)
+    return 0
+
+
+class GcClock:
+    """Time spent in the cyclic garbage collector of this process."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+
+
+def collect(processes: Sequence[subprocess.Popen[str]], timeout_s: float) -> list[dict[str, Any]]:
+    """Each simulator's final JSON line (killed after ``timeout_s``)."""
+    results = []
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        try:
+            out, err = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        if not lines:
+            raise RuntimeError(f"simulator gave no JSON (exit {process.returncode}): {err[-2000:]}")
+        results.append(json.loads(lines[-1]))
+    return results
+
+
+def merged(
+    results: Sequence[dict[str, Any]], histogram: str = "latency_histogram"
+) -> tuple[dict[str, int], LatencyHistogram]:
+    """Counters added up, and the latency histograms merged."""
+    totals: dict[str, int] = {}
+    latency = LatencyHistogram()
+    for result in results:
+        for key, value in result.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                totals[key] = totals.get(key, 0) + value
+        latency.merge(LatencyHistogram.from_json(result[histogram]))
+    return totals, latency
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 1)
+
+
+class Sampler:
+    """Samples CPU and RSS of process groups every :data:`SAMPLE_S` in a thread."""
+
+    def __init__(self, groups: dict[str, Any]) -> None:
+        # name -> callable returning the current processes of the group
+        self.groups = groups
+        self.samples: list[tuple[float, dict[str, tuple[float, int]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _snapshot(self) -> dict[str, tuple[float, int]]:
+        out = {}
+        for name, processes in self.groups.items():
+            cpu = 0.0
+            rss = 0
+            for process in processes():
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                    times = process.cpu_times()
+                    cpu += times.user + times.system
+                    rss += process.memory_info().rss
+            out[name] = (cpu, rss)
+        t = psutil.cpu_times()
+        busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+        out["machine"] = (busy + getattr(t, "steal", 0.0), 0)  # every core: up to 200 % here
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), self._snapshot()))
+            self._stop.wait(SAMPLE_S)
+
+    def window(self, since: float, until: float) -> dict[str, dict[str, float]]:
+        """Per group: CPU in per cent of one core over [since, until], mean and peak RSS."""
+        inside = [(t, s) for t, s in self.samples if since <= t <= until]
+        out: dict[str, dict[str, float]] = {}
+        if len(inside) < 2:
+            return out
+        (t0, first), (t1, last) = inside[0], inside[-1]
+        for name in [*self.groups, "machine"]:
+            # CPU of processes that came or went inside the window is approximate; the groups
+            # measured here live through it.
+            cpu = (last[name][0] - first[name][0]) / (t1 - t0) * 100
+            rss = [s[name][1] for _, s in inside]
+            out[name] = {
+                "cpu_pct": round(cpu, 1),
+                "rss_mb_mean": round(sum(rss) / len(rss) / 2**20, 1),
+                "rss_mb_peak": round(max(rss) / 2**20, 1),
+            }
+        return out
+
+
+def postgres_processes() -> list[psutil.Process]:
+    """The PostgreSQL server's processes on this machine (read only: for their CPU)."""
+    names = ("postgres", "postmaster")
+    return [p for p in psutil.process_iter(["name"]) if p.info["name"] in names]
+
+
+def scrape(run: ServerRun, workers: int) -> dict[str, float]:
+    """The server's own view, from each worker's operator port (``/metrics``), summed: ack
+    latency (receipt of a report to its 0x8001 leaving), writer batches, pending work."""
+    sums: dict[str, float] = {}
+    buckets: dict[float, float] = {}
+    for index in range(workers):
+        port = run.http_port + index if workers > 1 else run.http_port
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                text = reply.read().decode()
+        except OSError:
+            continue
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                name, value = sample.name, sample.value
+                if name == "jt808_ack_latency_seconds_bucket":
+                    edge = float(sample.labels["le"])
+                    buckets[edge] = buckets.get(edge, 0.0) + value
+                elif name == "jt808_connections_closed_total":
+                    key = "server_closed_" + sample.labels["reason"].replace(" ", "_")
+                    sums[key] = sums.get(key, 0.0) + value
+                elif name in _SCRAPED:
+                    sums[name] = sums.get(name, 0.0) + value
+    out: dict[str, float] = {}
+    count = sums.get("jt808_ack_latency_seconds_count", 0.0)
+    if count:
+        out["server_ack_mean_ms"] = round(sums["jt808_ack_latency_seconds_sum"] / count * 1e3, 1)
+        for q in (0.5, 0.99):  # the upper edge of the bucket holding the quantile
+            edge = next((e for e, n in sorted(buckets.items()) if n >= q * count), math.inf)
+            out[f"server_ack_p{round(q * 100)}_ms_at_most"] = round(edge * 1e3, 1)
+    batches = sums.get("jt808_storage_batch_write_seconds_count", 0.0)
+    if batches:
+        out["writer_batches"] = batches
+        out["writer_rows_per_batch"] = round(sums.get("jt808_storage_rows_total", 0.0) / batches, 1)
+        out["writer_write_ms_mean"] = round(
+            sums["jt808_storage_batch_write_seconds_sum"] / batches * 1e3, 1
+        )
+    out.update({k: v for k, v in sums.items() if k.startswith("server_closed_")})
+    for name, key in (
+        ("jt808_connections_open", "server_connections_open"),
+        ("jt808_sessions_authenticated", "server_sessions_authenticated"),
+        ("jt808_storage_pending_rows", "writer_pending_rows"),
+        ("jt808_unacked_reports", "server_unacked_reports"),
+        ("jt808_connections_backpressured", "server_backpressured_connections"),
+    ):
+        if name in sums:
+            out[key] = sums[name]
+    return out
+
+
+_SCRAPED = frozenset(
+    {
+        "jt808_ack_latency_seconds_count",
+        "jt808_ack_latency_seconds_sum",
+        "jt808_storage_batch_write_seconds_count",
+        "jt808_storage_batch_write_seconds_sum",
+        "jt808_storage_rows_total",
+        "jt808_storage_pending_rows",
+        "jt808_unacked_reports",
+        "jt808_connections_backpressured",
+        "jt808_connections_open",
+        "jt808_sessions_authenticated",
+    }
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two modes
+
+
+def throughput(options: argparse.Namespace, base_dsn: str, workers: int) -> dict[str, Any]:
+    ramp_s = options.ramp_s
+    duration_s = options.duration_s + ramp_s
+    # One position per device second and terminal, ``time_scale`` device seconds per second:
+    # every report has its own device time (a one-second BCD field), so no two reports of a
+    # terminal standing still share the storage's natural key (phone, device time, fix).
+    settings = {
+        "interval_s": 1.0,
+        "time_scale": 1.0 / options.interval_s,
+        "group": options.group,
+        "window": options.window,
+        "duration_s": duration_s,
+        "ramp_s": ramp_s,
+        "drain_s": 10.0,
+        "gc_threshold": options.sim_gc,
+        "warmup_s": ramp_s + SETTLE_S,
+    }
+    with (
+        tempfile.TemporaryDirectory(prefix="jt808-e2e-") as tmp,
+        scratch_database(base_dsn) as dsn,
+        server(dsn, Path(tmp), workers=workers) as srv,
+    ):
+        sims: list[subprocess.Popen[str]] = []
+        groups = {
+            "server": srv.tree,
+            "postgres": postgres_processes,
+            "simulators": lambda: [psutil.Process(p.pid) for p in sims if p.poll() is None],
+        }
+        with Sampler(groups) as sampler:
+            idle = sampler._snapshot()["server"][1]
+            started = time.time()
+            sims = simulators(
+                srv.port,
+                terminals=options.terminals,
+                processes=options.sim_processes,
+                settings=settings,
+            )
+            time.sleep(max(0.0, started + duration_s - 1.0 - time.time()))
+            server_view = scrape(srv, workers)
+            results = collect(sims, timeout_s=duration_s + 60)
+            ended = time.time()
+        # steady part: after the ramp and a second of settling, until the reports stop
+        since, until = started + ramp_s + SETTLE_S, started + duration_s
+        stored = wait_until_stable(dsn, timeout_s=30)
+        _, per_s = stored_rate(dsn, since, until)
+        usage = sampler.window(since, until)
+    totals, latency = merged(results)
+    _, latency_all = merged(results, "latency_histogram_all")
+    rss_kb_per_conn = (usage["server"]["rss_mb_mean"] * 2**20 - idle) / 1024 / options.terminals
+    out = {
+        "workers": workers,
+        "terminals": options.terminals,
+        "offered_per_s": round(options.terminals / options.interval_s, 1),
+        "stored_per_s": round(per_s, 1),
+        "sent": totals["positions_sent"],
+        "acked": totals["positions_acked"],
+        "stored": stored,
+        "lossless": totals["positions_sent"] == totals["positions_acked"] == stored,
+        "retransmitted": totals["retransmitted"],
+        "failed": totals["failed"],
+        "skipped_ticks": totals["skipped"],
+        "p50_ack_ms": _ms(latency.percentile(0.5)),
+        "p99_ack_ms": _ms(latency.percentile(0.99)),
+        "max_ack_ms": _ms(latency.max_s),
+        "p50_ack_ms_whole_run": _ms(latency_all.percentile(0.5)),
+        "p99_ack_ms_whole_run": _ms(latency_all.percentile(0.99)),
+        "server_cpu_pct": usage.get("server", {}).get("cpu_pct"),
+        "server_rss_mb": usage.get("server", {}).get("rss_mb_mean"),
+        "server_rss_kb_per_conn": round(rss_kb_per_conn, 1),
+        "postgres_cpu_pct": usage.get("postgres", {}).get("cpu_pct"),
+        "simulators_cpu_pct": usage.get("simulators", {}).get("cpu_pct"),
+        "simulators_gc_s": round(sum(r.get("gc_s", 0.0) for r in results), 2),
+        "machine_cpu_pct": usage.get("machine", {}).get("cpu_pct"),
+        # Whatever else ran on the machine meanwhile (a busy neighbour skews every figure).
+        "other_cpu_pct": round(
+            usage.get("machine", {}).get("cpu_pct", 0.0)
+            - sum(usage.get(g, {}).get("cpu_pct", 0.0) for g in groups),
+            1,
+        ),
+        "elapsed_s": round(ended - started, 1),
+        **server_view,
+    }
+    log(
+        f"throughput, {workers} worker(s): {out['stored_per_s']}/s stored (offered "
+        f"{out['offered_per_s']}/s), sent {out['sent']} acked {out['acked']} stored "
+        f"{out['stored']} ({'no loss' if out['lossless'] else 'LOSS'}), ack p50 "
+        f"{out['p50_ack_ms']} ms p99 {out['p99_ack_ms']} ms, server CPU "
+        f"{out['server_cpu_pct']}% RSS {out['server_rss_mb']} MB, PostgreSQL CPU "
+        f"{out['postgres_cpu_pct']}%, simulators CPU {out['simulators_cpu_pct']}% "
+        f"(GC {out['simulators_gc_s']} s), machine {out['machine_cpu_pct']}% of "
+        f"{psutil.cpu_count() * 100}% (other processes {out['other_cpu_pct']}%)"
+    )
+    return out
+
+
+def scale(options: argparse.Namespace, base_dsn: str) -> dict[str, Any]:
+    connections = options.connections
+    workers = max(1, math.ceil(connections / CONNECTIONS_PER_PROCESS))
+    processes = max(1, math.ceil(connections / CONNECTIONS_PER_PROCESS))
+    sources = [f"127.0.0.{2 + i}" for i in range(math.ceil(connections / CONNECTIONS_PER_SOURCE))]
+    ramp_s, hold_s = connections / options.scale_rate, options.scale_hold_s
+    duration_s = ramp_s + hold_s
+    settings = {
+        "interval_s": 0.0,
+        "heartbeat_s": options.heartbeat_s,
+        "duration_s": duration_s,
+        "ramp_s": ramp_s,
+        "drain_s": 5.0,
+        "ack_timeout_s": 30.0,
+        "retries": 2,
+        "gc_threshold": options.sim_gc,
+        "warmup_s": ramp_s + SETTLE_S,
+    }
+    # The server checks a terminal's liveness against the heartbeat it is told terminals use.
+    env = {"JT808_HEARTBEAT_INTERVAL_S": str(max(60.0, options.heartbeat_s * 2))}
+    with (
+        tempfile.TemporaryDirectory(prefix="jt808-e2e-") as tmp,
+        scratch_database(base_dsn) as dsn,
+        server(dsn, Path(tmp), workers=workers, env=env) as srv,
+    ):
+        sims: list[subprocess.Popen[str]] = []
+        groups = {"server": srv.tree}
+        with Sampler(groups) as sampler:
+            idle = sampler._snapshot()["server"][1]
+            idle_fds = sum(_fds(p) for p in srv.workers())
+            started = time.time()
+            sims = simulators(
+                srv.port,
+                terminals=connections,
+                processes=processes,
+                settings=settings,
+                sources=sources,
+            )
+            # Sample the held connections near the end of the hold, before anything closes.
+            hold_at = started + duration_s - min(5.0, hold_s / 2)
+            time.sleep(max(0.0, hold_at - time.time()))
+            held = sum(_fds(p) for p in srv.workers()) - idle_fds
+            rss = sampler._snapshot()["server"][1]
+            server_view = scrape(srv, workers)
+            results = collect(sims, timeout_s=duration_s + 60)
+        usage = sampler.window(started + ramp_s, started + duration_s)
+    totals, latency = merged(results)
+    # Per connection the server holds (authenticated or still handshaking: both cost memory).
+    per_conn = (rss - idle) / 1024 / max(held, 1)
+    out = {
+        "connections": connections,
+        "workers": workers,
+        "simulator_processes": len(results),
+        "source_addresses": len(sources),
+        "authenticated": totals["authentications"],
+        "server_connections_held": held,
+        "disconnects": totals["disconnects"],
+        "gave_up": totals["gave_up"],
+        "heartbeats": totals["heartbeats"],
+        "acked": totals["acked"],
+        "failed": totals["failed"],
+        "p99_ack_ms": _ms(latency.percentile(0.99)),
+        "server_rss_mb": round(rss / 2**20, 1),
+        "server_rss_idle_mb": round(idle / 2**20, 1),
+        "server_rss_kb_per_conn": round(per_conn, 2),
+        "server_rss_total_kb_per_conn": round(rss / 1024 / max(held, 1), 2),
+        "server_cpu_pct_holding": usage.get("server", {}).get("cpu_pct"),
+        **server_view,
+    }
+    log(
+        f"scale: {out.get('server_sessions_authenticated')} of {connections} terminals online "
+        f"(authenticated) near the end, {held} connections held by {workers} worker(s), "
+        f"{out['heartbeats']} heartbeats "
+        f"(p99 ack {out['p99_ack_ms']} ms), server RSS {out['server_rss_mb']} MB "
+        f"({out['server_rss_kb_per_conn']} KB per connection over the idle "
+        f"{out['server_rss_idle_mb']} MB; {out['server_rss_total_kb_per_conn']} KB in all)"
+    )
+    return out
+
+
+def _fds(process: psutil.Process) -> int:
+    """Open descriptors: a server worker holds one per connection plus a fixed few."""
+    with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+        return int(process.num_fds())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--dsn", default=os.environ.get("JT808_TEST_DSN") or DEFAULT_DSN)
+    add("--quick", action="store_true", help="scaled-down run, under a minute")
+    add("--mode", choices=["all", "throughput", "scale"], default="all")
+    add("--terminals", type=int, default=None, help="throughput terminals (default 2000)")
+    add("--interval-s", type=float, default=0.1, help="reporting interval (default 0.1)")
+    add("--group", type=int, default=10, help="0x0200 frames written together (default 10)")
+    add("--window", type=int, default=16, help="unacknowledged messages per terminal")
+    add("--duration-s", type=float, default=None, help="steady reporting time (default 30)")
+    add("--ramp-s", type=float, default=None, help="connect ramp (default 5)")
+    add("--sim-processes", type=int, default=2, help="simulator processes (default 2)")
+    add(
+        "--sim-gc",
+        default="50000,20,100",
+        help="simulators' gc thresholds, or 'default' for Python's (default 50000,20,100)",
+    )
+    add("--workers", default=None, help="server worker counts to measure (default 1,2)")
+    add("--connections", type=int, default=None, help="scale mode (default 100000)")
+    add("--heartbeat-s", type=float, default=None, help="scale mode heartbeat (default 30)")
+    add(
+        "--scale-rate",
+        type=float,
+        default=None,
+        help="scale mode: new terminals per second (default 200: registration and "
+        "authentication each wait on the database, see the module docstring)",
+    )
+    add("--scale-hold-s", type=float, default=None, help="scale mode hold (default 90)")
+    options = parser.parse_args(argv)
+    quick = options.quick
+    defaults = {
+        "terminals": 300 if quick else 2000,
+        "duration_s": 8.0 if quick else 30.0,
+        "ramp_s": 2.0 if quick else 5.0,
+        "workers": "1,2",
+        "connections": 3000 if quick else 100_000,
+        "heartbeat_s": 3.0 if quick else 30.0,
+        "scale_rate": 750.0 if quick else 200.0,
+        "scale_hold_s": 6.0 if quick else 90.0,
+    }
+    for key, value in defaults.items():
+        if getattr(options, key) is None:
+            setattr(options, key, value)
+    options.worker_counts = [int(w) for w in str(options.workers).split(",") if w.strip()]
+    options.sim_gc = (
+        None if options.sim_gc == "default" else [int(n) for n in options.sim_gc.split(",")]
+    )
+    return options
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["--simulate-child"]:
+        return simulate_child(args[1])
+    options = parse_args(args)
+    begun = time.monotonic()
+    runs: list[dict[str, Any]] = []
+    if options.mode in ("all", "throughput"):
+        runs = [throughput(options, options.dsn, workers) for workers in options.worker_counts]
+    scaled = scale(options, options.dsn) if options.mode in ("all", "scale") else None
+    log(json.dumps({"throughput": runs, "scale": scaled}, separators=(",", ":")))
+    best = max(
+        (r for r in runs if r["lossless"]),
+        key=lambda r: r["stored_per_s"],
+        default=max(runs, key=lambda r: r["stored_per_s"], default=None),
+    )
+    rss = scaled["server_rss_kb_per_conn"] if scaled else (best or {}).get("server_rss_kb_per_conn")
+    final = {
+        "stored_per_s": best["stored_per_s"] if best else None,
+        "sent": best["sent"] if best else None,
+        "acked": best["acked"] if best else None,
+        "stored": best["stored"] if best else None,
+        "p50_ack_ms": best["p50_ack_ms"] if best else None,
+        "p99_ack_ms": best["p99_ack_ms"] if best else None,
+        "server_rss_kb_per_conn": rss,
+    }
+    log(f"(run took {time.monotonic() - begun:.0f} s)")
+    print(json.dumps(final), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
