@@ -12,8 +12,11 @@ every ``--interval-s`` (``--group`` of them written together).  Reported:
 
 * ``sent`` / ``acked``: positions the simulators sent and got an 0x8001 result 0 for;
   ``stored``: rows in ``positions`` afterwards.  Zero loss means all three agree.
-* ``stored_per_s``: rows stored per second in the steady part of the run (ramp excluded),
-  counted in the database by ``received_at``.
+* ``stored_per_s``: rows stored per second in the steady part, counted in the database by
+  ``received_at``.  The steady part opens ``SETTLE_S`` after the server counts every terminal
+  authenticated (its ``/metrics``; registration and authentication of the whole fleet at once
+  take a while: ``seconds_until_all_online``) and lasts ``--duration-s``; then the bench tells
+  the simulators to stop (they drain what is outstanding).
 * ``p50_ack_ms`` / ``p99_ack_ms``: from a message's first transmission to its 0x8001, over the
   merged latency histograms of the simulators (4.4 % buckets, upper edge reported), in the
   steady part; ``*_whole_run`` adds the connect ramp (registration and authentication of every
@@ -83,8 +86,11 @@ CONNECTIONS_PER_PROCESS = 18_000
 # Ephemeral ports 32768-60999: ~28,000 per source address; stay well below.
 CONNECTIONS_PER_SOURCE = 20_000
 SAMPLE_S = 0.5
-# After the connect ramp: time for the registrations' backlog to clear before the steady part.
+# Once every terminal is online: time for the backlog of the connect storm to clear before
+# the steady part is measured.
 SETTLE_S = 2.0
+# How often a simulator process looks for the bench's control files.
+CONTROL_POLL_S = 0.2
 
 
 def log(message: str) -> None:
@@ -289,8 +295,8 @@ def simulators(
 def simulate_child(config_json: str) -> int:
     """A simulator process: run the fleet, print its statistics as one JSON line.
 
-    After ``warmup_s`` the latency histogram starts afresh, so that ``p50_ack_ms`` and
-    ``p99_ack_ms`` cover the steady part (the connect storm of the ramp, registrations and
+    When the bench says "steady" the latency histogram starts afresh, so that ``p50_ack_ms``
+    and ``p99_ack_ms`` cover the steady part (the connect storm, registrations and
     authentications included, is in ``latency_histogram_all``).
     """
     import trio  # noqa: PLC0415
@@ -300,7 +306,7 @@ def simulate_child(config_json: str) -> int:
     settings = json.loads(config_json)
     settings["source_addresses"] = tuple(settings.get("source_addresses", ()))
     gc_threshold = settings.pop("gc_threshold", None)
-    warmup_s = settings.pop("warmup_s", 0.0)
+    control = settings.pop("control_dir", None)
     simulator = Simulator(SimConfig(progress_s=None, **settings))
     clock = GcClock()
     if gc_threshold:
@@ -310,15 +316,24 @@ def simulate_child(config_json: str) -> int:
         gc.set_threshold(*gc_threshold)
     whole = LatencyHistogram()
 
-    async def steady_after_warmup() -> None:
-        await trio.sleep(warmup_s)
-        whole.merge(simulator.stats.latency)
-        simulator.stats.latency = LatencyHistogram()
+    async def controlled(directory: trio.Path) -> None:
+        """The bench's files: "steady" restarts the histogram, "stop" ends the run (each
+        terminal notices at its next wake-up and drains its outstanding messages)."""
+        steady = False
+        while True:
+            await trio.sleep(CONTROL_POLL_S)
+            if not steady and await (directory / "steady").exists():
+                steady = True
+                whole.merge(simulator.stats.latency)
+                simulator.stats.latency = LatencyHistogram()
+            if await (directory / "stop").exists():
+                simulator.stop_at = min(simulator.stop_at, trio.current_time())
+                return
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            if warmup_s:
-                nursery.start_soon(steady_after_warmup)
+            if control:
+                nursery.start_soon(controlled, trio.Path(control))
             await simulator.run()
             nursery.cancel_scope.cancel()
 
@@ -517,28 +532,46 @@ _SCRAPED = frozenset(
 # The two modes
 
 
+def wait_online(run: ServerRun, workers: int, expected: int, timeout_s: float) -> float:
+    """Seconds until the server counts ``expected`` authenticated sessions (or the timeout)."""
+    begun = time.time()
+    while time.time() - begun < timeout_s:
+        if scrape(run, workers).get("server_sessions_authenticated", 0) >= expected:
+            break
+        time.sleep(1.0)
+    return time.time() - begun
+
+
+def signal_children(control: Path, name: str) -> None:
+    """Tell the simulator processes: ``steady`` (restart the latency histogram) or ``stop``."""
+    (control / name).touch()
+
+
 def throughput(options: argparse.Namespace, base_dsn: str, workers: int) -> dict[str, Any]:
+    """One throughput run; the steady window opens once every terminal is online."""
     ramp_s = options.ramp_s
-    duration_s = options.duration_s + ramp_s
-    # One position per device second and terminal, ``time_scale`` device seconds per second:
-    # every report has its own device time (a one-second BCD field), so no two reports of a
-    # terminal standing still share the storage's natural key (phone, device time, fix).
-    settings = {
-        "interval_s": 1.0,
-        "time_scale": 1.0 / options.interval_s,
-        "group": options.group,
-        "window": options.window,
-        "duration_s": duration_s,
-        "ramp_s": ramp_s,
-        "drain_s": 10.0,
-        "gc_threshold": options.sim_gc,
-        "warmup_s": ramp_s + SETTLE_S,
-    }
+    # The simulators' own end is a safety net: the bench stops them (the "stop" file).
+    limit_s = ramp_s + options.online_timeout_s + SETTLE_S + options.duration_s + 30.0
     with (
         tempfile.TemporaryDirectory(prefix="jt808-e2e-") as tmp,
         scratch_database(base_dsn) as dsn,
         server(dsn, Path(tmp), workers=workers) as srv,
     ):
+        control = Path(tmp)
+        # One position per device second and terminal, ``time_scale`` device seconds per
+        # second: every report has its own device time (a one-second BCD field), so no two
+        # reports of a terminal standing still share the storage's natural key.
+        settings = {
+            "interval_s": 1.0,
+            "time_scale": 1.0 / options.interval_s,
+            "group": options.group,
+            "window": options.window,
+            "duration_s": limit_s,
+            "ramp_s": ramp_s,
+            "drain_s": 10.0,
+            "gc_threshold": options.sim_gc,
+            "control_dir": str(control),
+        }
         sims: list[subprocess.Popen[str]] = []
         groups = {
             "server": srv.tree,
@@ -554,12 +587,18 @@ def throughput(options: argparse.Namespace, base_dsn: str, workers: int) -> dict
                 processes=options.sim_processes,
                 settings=settings,
             )
-            time.sleep(max(0.0, started + duration_s - 1.0 - time.time()))
+            online_s = wait_online(
+                srv, workers, options.terminals, ramp_s + options.online_timeout_s
+            )
+            time.sleep(SETTLE_S)
+            signal_children(control, "steady")
+            since = time.time()
+            time.sleep(options.duration_s)
+            until = time.time()
             server_view = scrape(srv, workers)
-            results = collect(sims, timeout_s=duration_s + 60)
+            signal_children(control, "stop")
+            results = collect(sims, timeout_s=60)
             ended = time.time()
-        # steady part: after the ramp and a second of settling, until the reports stop
-        since, until = started + ramp_s + SETTLE_S, started + duration_s
         stored = wait_until_stable(dsn, timeout_s=30)
         _, per_s = stored_rate(dsn, since, until)
         usage = sampler.window(since, until)
@@ -583,6 +622,7 @@ def throughput(options: argparse.Namespace, base_dsn: str, workers: int) -> dict
         "max_ack_ms": _ms(latency.max_s),
         "p50_ack_ms_whole_run": _ms(latency_all.percentile(0.5)),
         "p99_ack_ms_whole_run": _ms(latency_all.percentile(0.99)),
+        "seconds_until_all_online": round(online_s, 1),
         "server_cpu_pct": usage.get("server", {}).get("cpu_pct"),
         "server_rss_mb": usage.get("server", {}).get("rss_mb_mean"),
         "server_rss_kb_per_conn": round(rss_kb_per_conn, 1),
@@ -607,29 +647,21 @@ def throughput(options: argparse.Namespace, base_dsn: str, workers: int) -> dict
         f"{out['server_cpu_pct']}% RSS {out['server_rss_mb']} MB, PostgreSQL CPU "
         f"{out['postgres_cpu_pct']}%, simulators CPU {out['simulators_cpu_pct']}% "
         f"(GC {out['simulators_gc_s']} s), machine {out['machine_cpu_pct']}% of "
-        f"{psutil.cpu_count() * 100}% (other processes {out['other_cpu_pct']}%)"
+        f"{psutil.cpu_count() * 100}% (other processes {out['other_cpu_pct']}%); all "
+        f"{options.terminals} terminals online after {out['seconds_until_all_online']} s"
     )
     return out
 
 
 def scale(options: argparse.Namespace, base_dsn: str) -> dict[str, Any]:
+    """Idle terminals with heartbeats: connect them all, hold, measure memory."""
     connections = options.connections
     workers = max(1, math.ceil(connections / CONNECTIONS_PER_PROCESS))
     processes = max(1, math.ceil(connections / CONNECTIONS_PER_PROCESS))
     sources = [f"127.0.0.{2 + i}" for i in range(math.ceil(connections / CONNECTIONS_PER_SOURCE))]
     ramp_s, hold_s = connections / options.scale_rate, options.scale_hold_s
-    duration_s = ramp_s + hold_s
-    settings = {
-        "interval_s": 0.0,
-        "heartbeat_s": options.heartbeat_s,
-        "duration_s": duration_s,
-        "ramp_s": ramp_s,
-        "drain_s": 5.0,
-        "ack_timeout_s": 30.0,
-        "retries": 2,
-        "gc_threshold": options.sim_gc,
-        "warmup_s": ramp_s + SETTLE_S,
-    }
+    online_timeout_s = ramp_s + options.online_timeout_s
+    limit_s = online_timeout_s + hold_s + 30.0
     # The server checks a terminal's liveness against the heartbeat it is told terminals use.
     env = {"JT808_HEARTBEAT_INTERVAL_S": str(max(60.0, options.heartbeat_s * 2))}
     with (
@@ -637,12 +669,23 @@ def scale(options: argparse.Namespace, base_dsn: str) -> dict[str, Any]:
         scratch_database(base_dsn) as dsn,
         server(dsn, Path(tmp), workers=workers, env=env) as srv,
     ):
+        control = Path(tmp)
+        settings = {
+            "interval_s": 0.0,
+            "heartbeat_s": options.heartbeat_s,
+            "duration_s": limit_s,
+            "ramp_s": ramp_s,
+            "drain_s": 5.0,
+            "ack_timeout_s": 30.0,
+            "retries": 2,
+            "gc_threshold": options.sim_gc,
+            "control_dir": str(control),
+        }
         sims: list[subprocess.Popen[str]] = []
         groups = {"server": srv.tree}
         with Sampler(groups) as sampler:
             idle = sampler._snapshot()["server"][1]
             idle_fds = sum(_fds(p) for p in srv.workers())
-            started = time.time()
             sims = simulators(
                 srv.port,
                 terminals=connections,
@@ -650,14 +693,17 @@ def scale(options: argparse.Namespace, base_dsn: str) -> dict[str, Any]:
                 settings=settings,
                 sources=sources,
             )
-            # Sample the held connections near the end of the hold, before anything closes.
-            hold_at = started + duration_s - min(5.0, hold_s / 2)
-            time.sleep(max(0.0, hold_at - time.time()))
+            online_s = wait_online(srv, workers, connections, online_timeout_s)
+            signal_children(control, "steady")
+            since = time.time()
+            time.sleep(hold_s)
+            until = time.time()
             held = sum(_fds(p) for p in srv.workers()) - idle_fds
             rss = sampler._snapshot()["server"][1]
             server_view = scrape(srv, workers)
-            results = collect(sims, timeout_s=duration_s + 60)
-        usage = sampler.window(started + ramp_s, started + duration_s)
+            signal_children(control, "stop")
+            results = collect(sims, timeout_s=120)
+        usage = sampler.window(since, until)
     totals, latency = merged(results)
     # Per connection the server holds (authenticated or still handshaking: both cost memory).
     per_conn = (rss - idle) / 1024 / max(held, 1)
@@ -666,14 +712,15 @@ def scale(options: argparse.Namespace, base_dsn: str) -> dict[str, Any]:
         "workers": workers,
         "simulator_processes": len(results),
         "source_addresses": len(sources),
-        "authenticated": totals["authentications"],
+        "seconds_until_all_online": round(online_s, 1),
+        "authentications": totals["authentications"],
         "server_connections_held": held,
         "disconnects": totals["disconnects"],
         "gave_up": totals["gave_up"],
         "heartbeats": totals["heartbeats"],
         "acked": totals["acked"],
         "failed": totals["failed"],
-        "p99_ack_ms": _ms(latency.percentile(0.99)),
+        "p99_heartbeat_ack_ms": _ms(latency.percentile(0.99)),
         "server_rss_mb": round(rss / 2**20, 1),
         "server_rss_idle_mb": round(idle / 2**20, 1),
         "server_rss_kb_per_conn": round(per_conn, 2),
@@ -683,11 +730,12 @@ def scale(options: argparse.Namespace, base_dsn: str) -> dict[str, Any]:
     }
     log(
         f"scale: {out.get('server_sessions_authenticated')} of {connections} terminals online "
-        f"(authenticated) near the end, {held} connections held by {workers} worker(s), "
-        f"{out['heartbeats']} heartbeats "
-        f"(p99 ack {out['p99_ack_ms']} ms), server RSS {out['server_rss_mb']} MB "
+        f"after {out['seconds_until_all_online']} s, {held} connections held by {workers} "
+        f"worker(s) for {hold_s:g} s, {out['heartbeats']} heartbeats (p99 ack while holding "
+        f"{out['p99_heartbeat_ack_ms']} ms), server RSS {out['server_rss_mb']} MB "
         f"({out['server_rss_kb_per_conn']} KB per connection over the idle "
-        f"{out['server_rss_idle_mb']} MB; {out['server_rss_total_kb_per_conn']} KB in all)"
+        f"{out['server_rss_idle_mb']} MB; {out['server_rss_total_kb_per_conn']} KB in all), "
+        f"server CPU {out['server_cpu_pct_holding']}% while holding"
     )
     return out
 
@@ -714,6 +762,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--window", type=int, default=16, help="unacknowledged messages per terminal")
     add("--duration-s", type=float, default=None, help="steady reporting time (default 30)")
     add("--ramp-s", type=float, default=None, help="connect ramp (default 5)")
+    add(
+        "--online-timeout-s",
+        type=float,
+        default=None,
+        help="how long to wait (after the ramp) for every terminal to be online "
+        "(default 180, --quick 20)",
+    )
     add("--sim-processes", type=int, default=2, help="simulator processes (default 2)")
     add(
         "--sim-gc",
@@ -735,13 +790,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     quick = options.quick
     defaults = {
         "terminals": 300 if quick else 2000,
-        "duration_s": 8.0 if quick else 30.0,
+        "duration_s": 6.0 if quick else 30.0,
         "ramp_s": 2.0 if quick else 5.0,
         "workers": "1,2",
         "connections": 3000 if quick else 100_000,
         "heartbeat_s": 3.0 if quick else 30.0,
+        "online_timeout_s": 20.0 if quick else 180.0,
         "scale_rate": 750.0 if quick else 200.0,
-        "scale_hold_s": 6.0 if quick else 90.0,
+        "scale_hold_s": 5.0 if quick else 90.0,
     }
     for key, value in defaults.items():
         if getattr(options, key) is None:
