@@ -244,7 +244,10 @@ def server(
     finally:
         status = stop(process, timeout_s=60)
         if status not in (0, None):
-            log(f"  (server exited {status}; log {log_path})")
+            tail = log_path.read_text(errors="replace").splitlines()[-15:]
+            log(f"  (server exited {status}; the end of its log:)")
+            for line in tail:
+                log(f"    {line}")
 
 
 def simulators(
