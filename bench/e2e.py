@@ -1,4 +1,4 @@
-"""End to end on this machine: ``jt808 serve`` + PostgreSQL + ``jt808 simulate``, in one run.
+"""End to end on this machine: ``jt808 serve`` + PostgreSQL + the simulator, in one run.
 
     .venv/bin/python bench/e2e.py [--quick] [--dsn DSN] [--terminals N] [--duration-s S]
                                   [--workers 1,2] [--connections N] [--mode all|throughput|scale]
@@ -7,24 +7,34 @@ Throughput (once per ``--workers`` value): a scratch database is created on the 
 server of ``--dsn`` (default ``postgresql://postgres@127.0.0.1:5432/postgres``) and dropped at
 the end; the server runs as ``jt808 serve --workers N`` against it with durable acks (an 0x8001
 leaves only once its position is committed or fsynced to the spool); ``--sim-processes``
-simulator processes run ``--terminals`` terminals in all, each sending one 0x0200 per position
-every ``--interval-s`` (``--group`` of them written together).  Reported:
+simulator processes run ``--terminals`` terminals in all.  The terminals connect over
+``--ramp-s``, register and authenticate; ``--online-timeout-s`` later they start reporting, each
+one 0x0200 per position every ``--interval-s``, ``--group`` of them written together, the
+groups of the fleet spread evenly over the group period.  Reported:
 
 * ``sent`` / ``acked``: positions the simulators sent and got an 0x8001 result 0 for;
   ``stored``: rows in ``positions`` afterwards.  Zero loss means all three agree.
 * ``stored_per_s``: rows stored per second in the steady part, counted in the database by
-  ``received_at``.  The steady part opens ``SETTLE_S`` after the server counts every terminal
-  authenticated (its ``/metrics``; registration and authentication of the whole fleet at once
-  take a while: ``seconds_until_all_online``) and lasts ``--duration-s``; then the bench tells
-  the simulators to stop (they drain what is outstanding).
+  ``received_at``.  The steady part opens ``SETTLE_S`` after the reports start and lasts
+  ``--duration-s``; then the bench tells the simulators to stop (they drain what is
+  outstanding).  ``seconds_until_all_online``: how long the server took to count every
+  terminal authenticated (its ``/metrics``).
 * ``p50_ack_ms`` / ``p99_ack_ms``: from a message's first transmission to its 0x8001, over the
   merged latency histograms of the simulators (4.4 % buckets, upper edge reported), in the
-  steady part; ``*_whole_run`` adds the connect ramp (registration and authentication of every
-  terminal at once, which waits on the database).
+  steady part; ``*_whole_run`` adds the connect storm (registration and authentication).
 * the server's own view from its ``/metrics``: ack latency (receipt to 0x8001), writer batches
   (rows per batch, write time), reports waiting for storage.
 * server CPU (per cent of one core, summed over the server's processes) and RSS (summed), the
-  PostgreSQL server's CPU, the simulators' CPU, all sampled with psutil during the steady part.
+  PostgreSQL server's CPU, the simulators' CPU, the whole machine's, all sampled with psutil
+  during the steady part (``other_cpu_pct``: what else ran meanwhile).
+
+The simulators are :class:`tools.simulate.Simulator` (what ``jt808 simulate`` runs) in child
+processes of this script (``--simulate-child``), for two things the command does not offer: the
+delayed start of the reports, and ``time_scale``.  A terminal reporting every 0.1 s with a
+one-second BCD time would send several reports per device second; a vehicle standing still
+sends identical ones, which the storage's natural key (phone, device time, fix) keeps as one
+row, so ``stored`` would fall short of ``acked`` without any loss.  So the device clock runs
+``1 / --interval-s`` times faster and every report has its own device second.
 
 Connection scale (``--connections N``): N idle terminals that register, authenticate and then
 only send heartbeats (every ``--heartbeat-s``), spread over several simulator processes (a
@@ -32,9 +42,10 @@ process may hold at most 20,000 descriptors here) bound to several loopback sour
 (about 28,000 ephemeral ports each), against a server with one worker per 18,000 connections.
 Terminals connect at ``--scale-rate`` per second: each registers and authenticates, and both
 wait on one database connection per worker (``storage.TerminalStore``), so a faster storm only
-queues them until the server's authentication timeout closes them.  Reported: how many got
-online and stayed so, heartbeat acks and their p99 after the ramp, and the server's RSS per
-connection = (RSS with the connections - RSS before them) / connections held, sampled near the
+queues them until the server's authentication timeout closes them.  Once all are online (or
+``--scale-online-timeout-s`` after the ramp) they are held ``--scale-hold-s``.  Reported: how
+many got online, heartbeat acks and their p99 while holding, and the server's RSS per
+connection = (RSS with the connections - RSS before them) / connections held, sampled at the
 end of the hold (with the server's own count of authenticated sessions at that moment).
 
 Every run is bounded: each child has a deadline after which it is killed, and the script
@@ -236,10 +247,13 @@ def server(
                 raise RuntimeError("server did not start: " + log_path.read_text()[-2000:])
             with contextlib.suppress(OSError):
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                if workers == 1 or len(run.workers()) >= workers:
+                # Every worker must listen before the terminals connect, or the kernel gives
+                # them all to the workers already there: each worker opens its operator port
+                # just before its terminal port.
+                if scrape(run, workers)["workers_answering_metrics"] == workers:
                     break
             time.sleep(0.2)
-        time.sleep(1.0)  # let every worker finish starting (all listen on the port)
+        time.sleep(1.0)
         yield run
     finally:
         status = stop(process, timeout_s=60)
@@ -304,13 +318,30 @@ def simulate_child(config_json: str) -> int:
     """
     import trio  # noqa: PLC0415
 
-    from tools.simulate import SimConfig, Simulator  # noqa: PLC0415
+    from tools.simulate import SimConfig, Simulator, synthetic_fleet  # noqa: PLC0415
 
     settings = json.loads(config_json)
     settings["source_addresses"] = tuple(settings.get("source_addresses", ()))
     gc_threshold = settings.pop("gc_threshold", None)
     control = settings.pop("control_dir", None)
-    simulator = Simulator(SimConfig(progress_s=None, **settings))
+    report_after_s = settings.pop("report_after_s", 0.0)
+    config = SimConfig(progress_s=None, **settings)
+    # Reports start ``report_after_s`` after the start, so the fleet's registrations and
+    # authentications are done before the load they measure; terminal i starts i/n of a
+    # group's period later, so the group writes of the fleet spread evenly over the period
+    # (as the connect ramp spreads them in an ordinary run), instead of one burst per period.
+    fleet = synthetic_fleet(config)
+    period = config.interval_s * max(config.group, config.batch)
+    fleet = [
+        dataclasses.replace(
+            spec,
+            report_phase_s=spec.report_phase_s
+            + report_after_s * config.time_scale
+            + period * index / len(fleet),
+        )
+        for index, spec in enumerate(fleet)
+    ]
+    simulator = Simulator(config, fleet)
     clock = GcClock()
     if gc_threshold:
         # The load generator should cost as little as it can: thousands of long-lived terminal
@@ -470,13 +501,15 @@ def scrape(run: ServerRun, workers: int) -> dict[str, float]:
     latency (receipt of a report to its 0x8001 leaving), writer batches, pending work."""
     sums: dict[str, float] = {}
     buckets: dict[float, float] = {}
+    answered = 0
     for index in range(workers):
         port = run.http_port + index if workers > 1 else run.http_port
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
                 text = reply.read().decode()
         except OSError:
             continue
+        answered += 1
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 name, value = sample.name, sample.value
@@ -488,7 +521,7 @@ def scrape(run: ServerRun, workers: int) -> dict[str, float]:
                     sums[key] = sums.get(key, 0.0) + value
                 elif name in _SCRAPED:
                     sums[name] = sums.get(name, 0.0) + value
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"workers_answering_metrics": answered}
     count = sums.get("jt808_ack_latency_seconds_count", 0.0)
     if count:
         out["server_ack_mean_ms"] = round(sums["jt808_ack_latency_seconds_sum"] / count * 1e3, 1)
@@ -539,7 +572,11 @@ def wait_online(run: ServerRun, workers: int, expected: int, timeout_s: float) -
     """Seconds until the server counts ``expected`` authenticated sessions (or the timeout)."""
     begun = time.time()
     while time.time() - begun < timeout_s:
-        if scrape(run, workers).get("server_sessions_authenticated", 0) >= expected:
+        view = scrape(run, workers)
+        if (
+            view["workers_answering_metrics"] == workers
+            and view.get("server_sessions_authenticated", 0) >= expected
+        ):
             break
         time.sleep(1.0)
     return time.time() - begun
@@ -553,8 +590,9 @@ def signal_children(control: Path, name: str) -> None:
 def throughput(options: argparse.Namespace, base_dsn: str, workers: int) -> dict[str, Any]:
     """One throughput run; the steady window opens once every terminal is online."""
     ramp_s = options.ramp_s
+    report_after_s = ramp_s + options.online_timeout_s
     # The simulators' own end is a safety net: the bench stops them (the "stop" file).
-    limit_s = ramp_s + options.online_timeout_s + SETTLE_S + options.duration_s + 30.0
+    limit_s = report_after_s + SETTLE_S + options.duration_s + 30.0
     with (
         tempfile.TemporaryDirectory(prefix="jt808-e2e-") as tmp,
         scratch_database(base_dsn) as dsn,
@@ -574,6 +612,7 @@ def throughput(options: argparse.Namespace, base_dsn: str, workers: int) -> dict
             "drain_s": 10.0,
             "gc_threshold": options.sim_gc,
             "control_dir": str(control),
+            "report_after_s": report_after_s,
         }
         sims: list[subprocess.Popen[str]] = []
         groups = {
@@ -590,10 +629,9 @@ def throughput(options: argparse.Namespace, base_dsn: str, workers: int) -> dict
                 processes=options.sim_processes,
                 settings=settings,
             )
-            online_s = wait_online(
-                srv, workers, options.terminals, ramp_s + options.online_timeout_s
-            )
-            time.sleep(SETTLE_S)
+            online_s = wait_online(srv, workers, options.terminals, report_after_s)
+            online = scrape(srv, workers).get("server_sessions_authenticated", 0)
+            time.sleep(max(0.0, started + report_after_s + SETTLE_S - time.time()))
             signal_children(control, "steady")
             since = time.time()
             time.sleep(options.duration_s)
@@ -626,6 +664,7 @@ def throughput(options: argparse.Namespace, base_dsn: str, workers: int) -> dict
         "p50_ack_ms_whole_run": _ms(latency_all.percentile(0.5)),
         "p99_ack_ms_whole_run": _ms(latency_all.percentile(0.99)),
         "seconds_until_all_online": round(online_s, 1),
+        "online_when_reports_started": online,
         "server_cpu_pct": usage.get("server", {}).get("cpu_pct"),
         "server_rss_mb": usage.get("server", {}).get("rss_mb_mean"),
         "server_rss_kb_per_conn": round(rss_kb_per_conn, 1),
@@ -650,8 +689,9 @@ def throughput(options: argparse.Namespace, base_dsn: str, workers: int) -> dict
         f"{out['server_cpu_pct']}% RSS {out['server_rss_mb']} MB, PostgreSQL CPU "
         f"{out['postgres_cpu_pct']}%, simulators CPU {out['simulators_cpu_pct']}% "
         f"(GC {out['simulators_gc_s']} s), machine {out['machine_cpu_pct']}% of "
-        f"{psutil.cpu_count() * 100}% (other processes {out['other_cpu_pct']}%); all "
-        f"{options.terminals} terminals online after {out['seconds_until_all_online']} s"
+        f"{psutil.cpu_count() * 100}% (other processes {out['other_cpu_pct']}%); "
+        f"{out['online_when_reports_started']:.0f} of {options.terminals} terminals online "
+        f"after {out['seconds_until_all_online']} s"
     )
     return out
 
@@ -663,7 +703,7 @@ def scale(options: argparse.Namespace, base_dsn: str) -> dict[str, Any]:
     processes = max(1, math.ceil(connections / CONNECTIONS_PER_PROCESS))
     sources = [f"127.0.0.{2 + i}" for i in range(math.ceil(connections / CONNECTIONS_PER_SOURCE))]
     ramp_s, hold_s = connections / options.scale_rate, options.scale_hold_s
-    online_timeout_s = ramp_s + options.online_timeout_s
+    online_timeout_s = ramp_s + options.scale_online_timeout_s
     limit_s = online_timeout_s + hold_s + 30.0
     # The server checks a terminal's liveness against the heartbeat it is told terminals use.
     env = {"JT808_HEARTBEAT_INTERVAL_S": str(max(60.0, options.heartbeat_s * 2))}
@@ -769,7 +809,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--online-timeout-s",
         type=float,
         default=None,
-        help="how long to wait (after the ramp) for every terminal to be online "
+        help="reports start this long after the ramp, once the fleet is online "
+        "(default 30, --quick 3)",
+    )
+    add(
+        "--scale-online-timeout-s",
+        type=float,
+        default=None,
+        help="scale mode: how long to wait after the ramp for every terminal to be online "
         "(default 180, --quick 20)",
     )
     add("--sim-processes", type=int, default=2, help="simulator processes (default 2)")
@@ -798,7 +845,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "workers": "1,2",
         "connections": 3000 if quick else 100_000,
         "heartbeat_s": 3.0 if quick else 30.0,
-        "online_timeout_s": 20.0 if quick else 180.0,
+        "online_timeout_s": 3.0 if quick else 30.0,
+        "scale_online_timeout_s": 20.0 if quick else 180.0,
         "scale_rate": 750.0 if quick else 200.0,
         "scale_hold_s": 5.0 if quick else 90.0,
     }
