@@ -92,7 +92,8 @@ class Completion(Protocol):
 
 class PositionSink(Protocol):
     async def submit(self, records: Sequence[PositionRecord]) -> Completion:
-        """Take a batch (all positions of one message).  May block to push back.
+        """Take a batch: the positions of one or more messages of one connection, in order
+        (the server submits what one read brought together).  May block to push back.
 
         The returned completion must settle eventually (durable or not), also when the sink
         shuts down, or the connection waiting on it stops reading.
@@ -144,7 +145,7 @@ class InMemoryPositionSink:
         self.delay_s = delay_s
         self.durable = True
         self.records: list[PositionRecord] = []
-        self.submitted = 0  # batches handed to submit, settled or not
+        self.submitted = 0  # positions handed to submit, settled or not
         self._send, self._receive = trio.open_memory_channel[
             tuple[Sequence[PositionRecord], CompletionEvent]
         ](self.QUEUE_BATCHES)
@@ -167,7 +168,7 @@ class InMemoryPositionSink:
 
     async def submit(self, records: Sequence[PositionRecord]) -> CompletionEvent:
         completion = CompletionEvent()
-        self.submitted += 1
+        self.submitted += len(records)
         await self._send.send((tuple(records), completion))
         return completion
 

@@ -76,6 +76,7 @@ from ingest.interfaces import (
     InMemorySessionRecords,
     InMemoryTransport,
     MediaSink,
+    PositionRecord,
     PositionSink,
     SessionDirectory,
     SessionRecords,
@@ -471,10 +472,16 @@ class _Connection:
         self._interruptible: trio.CancelScope | None = None
         self._send_lock = trio.Lock()
         self._progress = trio.Event()
-        # (ticket, completion) in submission order; at most max_unacked are in flight.
+        # (tickets, completion) in submission order: the reports of one read share a
+        # completion; at most max_unacked reports are in flight, so at most that many batches.
         self._completions_in, self._completions_out = trio.open_memory_channel[
-            tuple[int, Completion]
+            tuple[list[int], Completion]
         ](self.config.max_unacked + 1)
+        # What one read produced, handed on together in :meth:`_flush`: replies to write
+        # (wire, receipt time of the report an ack answers) and positions to store.
+        self._replies: list[tuple[bytes, float | None]] = []
+        self._batch: list[PositionRecord] = []
+        self._batch_tickets: list[int] = []
         self._capture: CaptureWriter | None = None
         self._commands: list[PendingCommand] = []  # oldest first, at most MAX_PENDING_COMMANDS
         self._closed = False
@@ -556,6 +563,10 @@ class _Connection:
                 await self._handle(event)
                 if self.stopping():
                     break
+            # One read usually holds several frames (a terminal catching up, or writing a
+            # group at once): their positions go to storage as one submit and their replies
+            # leave in one write, which is most of what a position costs here.
+            await self._flush()
             self._report_buffered()
 
     def _read_deadline(self) -> tuple[float, str]:
@@ -590,6 +601,9 @@ class _Connection:
         """Stop reading while the connection's un-acked reports are at their cap."""
         if self.session.pending < self.config.max_unacked:
             return
+        await self._flush()  # what waits in this read's batch must reach storage to settle
+        if self.session.pending < self.config.max_unacked:
+            return
         self.metrics.backpressured.inc()
         self.log.debug("%s reports un-acked: not reading", self.session.pending)
         try:
@@ -606,13 +620,17 @@ class _Connection:
 
     async def _acknowledge(self) -> None:
         """Await completions in submission order; send the acks they release."""
-        async for ticket, completion in self._completions_out:
+        async for tickets, completion in self._completions_out:
             durable = await completion.wait()
-            self.metrics.unacked.dec()
-            self._in_flight_reported -= 1
+            count = len(tickets)
+            self.metrics.unacked.dec(count)
+            self._in_flight_reported -= count
             if not durable:
-                self.metrics.not_durable.inc()
-            await self._perform(self.session.storage_done(ticket, durable, now=trio.current_time()))
+                self.metrics.not_durable.inc(count)
+            now = trio.current_time()
+            for ticket in tickets:
+                await self._perform(self.session.storage_done(ticket, durable, now=now))
+            await self._write_replies()
             # Wake the reader (back-pressure) and a draining close only after the acks left.
             self._progress.set()
             self._progress = trio.Event()
@@ -690,20 +708,25 @@ class _Connection:
         """Perform actions from outside the connection's own tasks (upload deadlines)."""
         if not self._closed:
             await self._perform(actions)
+            await self._write_replies()
 
     async def _perform(self, actions: Iterable[Action]) -> None:
+        """Perform ``actions``; replies and positions are only queued (see :meth:`_flush`)."""
         for action in actions:
             match action:
                 case Send():
-                    await self._send(action)
+                    self._replies.append((action.wire, action.acked_at))
                 case Store():
-                    await self._store(action)
+                    self._batch.extend(action.records)
+                    self._batch_tickets.append(action.ticket)
                 case Register():
+                    await self._flush()  # replies before the wait on the database
                     outcome = await self.server.registry.register(action.request)
                     self.metrics.registrations.labels(str(outcome.result)).inc()
                     now = trio.current_time()
                     await self._perform(self.session.registration_done(action, outcome, now=now))
                 case Authenticate():
+                    await self._flush()
                     ok = await self.server.registry.authenticate(action.request)
                     if not ok:
                         self.metrics.auth_failures.inc()
@@ -712,11 +735,13 @@ class _Connection:
                 case Claim():
                     self.server.claim(self, action.phone)
                 case StoreMedia():
+                    await self._flush()
                     stored = await self.server.media.store(action.record)
                     (self.metrics.media_stored if stored else self.metrics.media_failed).inc()
                     now = trio.current_time()
                     await self._perform(self.session.media_done(action, stored, now=now))
                 case Answer():
+                    await self._flush()  # an answer may send packages: keep replies in order
                     await self._answer(action.packet)
                 case Close():
                     if not self._stop_reading:
@@ -727,16 +752,33 @@ class _Connection:
                     self.log.log(action.level, action.message, *action.args)
         self._count_session()
 
-    async def _store(self, action: Store) -> None:
-        completion = await self.server.sink.submit(action.records)
-        self.metrics.positions.inc(len(action.records))
-        self.metrics.unacked.inc()
-        self._in_flight_reported += 1
-        await self._completions_in.send((action.ticket, completion))
+    async def _flush(self) -> None:
+        """Hand the queued positions to storage (one submit) and write the queued replies.
 
-    async def _send(self, action: Send) -> None:
-        if await self._send_wire(action.wire) and action.acked_at is not None:
-            self.metrics.ack_latency.observe(trio.current_time() - action.acked_at)
+        Only the reading task queues positions, so their order is the order of submission.
+        """
+        if self._batch:
+            records, self._batch = self._batch, []
+            tickets, self._batch_tickets = self._batch_tickets, []
+            completion = await self.server.sink.submit(records)
+            self.metrics.positions.inc(len(records))
+            self.metrics.unacked.inc(len(tickets))
+            self._in_flight_reported += len(tickets)
+            await self._completions_in.send((tickets, completion))
+        await self._write_replies()
+
+    async def _write_replies(self) -> None:
+        """Write every queued reply in one send (in the order they were queued)."""
+        if not self._replies:
+            return
+        replies, self._replies = self._replies, []
+        wire = replies[0][0] if len(replies) == 1 else b"".join(wire for wire, _ in replies)
+        if await self._send_wire(wire):
+            now = trio.current_time()
+            observe = self.metrics.ack_latency.observe
+            for _, acked_at in replies:
+                if acked_at is not None:
+                    observe(now - acked_at)
 
     async def _send_wire(self, wire: bytes) -> bool:
         """Write one frame; False (and the connection closing) if it could not be written."""

@@ -229,7 +229,7 @@ class PositionWriter:
         return self._outstanding
 
     async def submit(self, rows: Sequence[PositionRow]) -> Completion:
-        """Queue ``rows`` (one message's positions); wait while the writer is at its cap.
+        """Queue ``rows`` (positions of one or more messages); wait while at the cap.
 
         Returns at once with a :class:`Completion` when there is room.  Raises
         :class:`WriterClosedError` when the writer is not running.

@@ -428,6 +428,35 @@ async def test_a_stalled_sink_stops_acks_and_reading_until_it_resumes() -> None:
             await terminal.aclose()
 
 
+async def test_frames_of_one_read_are_stored_together_and_acked_in_order() -> None:
+    """Several reports, a retransmission and a heartbeat in one write: the heartbeat is
+    answered at once, every report's ack leaves once it is durable, in arrival order."""
+    with trio.fail_after(10):
+        async with running() as h:
+            terminal = await h.terminal()
+            await terminal.login()
+            first, first_serial = terminal.frame(report(1))
+            await terminal.send_raw(first)
+            await terminal.ack(first_serial, 0x0200)
+            frames = [terminal.frame(report(n)) for n in range(2, 6)]
+            repeat = first  # the terminal missed the ack and sends it again
+            beat, beat_serial = terminal.frame(Heartbeat())
+            h.sink.stall()
+            await terminal.send_raw(b"".join(w for w, _ in frames) + repeat + beat)
+            await wait_until(lambda: h.sink.submitted == 5)
+            await terminal.ack(beat_serial, 0x0002)  # needs no storage: answered at once
+            with trio.move_on_after(0.1) as scope:
+                await terminal.recv()
+            assert scope.cancelled_caught  # nothing stored yet, so no report is acked
+            h.sink.resume()
+            for _, serial in frames:
+                await terminal.ack(serial, 0x0200)
+            await terminal.ack(first_serial, 0x0200)
+            assert len(h.sink.records) == 5  # the repeat is stored once
+            assert h.metric("jt808_unacked_reports") == 0
+            await terminal.aclose()
+
+
 async def test_a_batch_that_is_not_durable_is_not_acknowledged() -> None:
     with trio.fail_after(10):
         async with running() as h:

@@ -89,15 +89,12 @@ class WriterSink:
         self._writer = writer
 
     async def submit(self, records: Sequence[PositionRecord]) -> WriterCompletion:
-        from storage import position_rows  # noqa: PLC0415
+        from storage import position_row  # noqa: PLC0415
 
-        first = records[0]
-        rows = position_rows(
-            first.header,
-            [record.location for record in records],
-            first.received_at,
-            batch_type=first.batch_type,
-        )
+        rows = [
+            position_row(r.header, r.location, r.received_at, batch_type=r.batch_type)
+            for r in records
+        ]
         return WriterCompletion(await self._writer.submit(rows))
 
 
