@@ -1,7 +1,10 @@
 """The batched position writer: a trio service in front of the database and the spool.
 
-Rows submitted by the server's connection tasks accumulate into one open batch, flushed when it
-reaches ``batch_rows`` or when its first row is ``max_batch_age_s`` old.  A flushed batch is
+Rows submitted by the server's connection tasks accumulate into one open batch, sealed when it
+reaches ``batch_rows``, or when a database connection is free and its first row is
+``batch_gather_s`` old (group commit: under load the batch grows while the connections are busy,
+so a busy writer makes few large batches and an idle one adds only the short gather window to
+an acknowledgement's latency).  A sealed batch is
 written by a worker thread holding one sync psycopg connection (psycopg's async API is
 asyncio-only), under a :class:`trio.CapacityLimiter` of ``connections`` threads, with binary COPY
 and exactly-once dedup (storage/pgstore.py).  Each :meth:`PositionWriter.submit` gets a
@@ -117,10 +120,11 @@ def _resolved_batch() -> _Batch:
 class WriterConfig:
     """Writer settings; units in the names.
 
-    ``batch_rows``/``max_batch_age_s``: a 5,000-row batch takes 12-25 ms to COPY and commit
+    ``batch_rows``/``batch_gather_s``: a 5,000-row batch takes 12-25 ms to COPY and commit
     here (bench/storage.py), so the per-batch costs (round trips, the commit's WAL flush) are
-    spread thin; 200 ms keeps the acknowledgement delay well under a terminal's response
-    timeout (parameter 0x0002, typically 10 s or more).
+    spread thin.  A batch is written once a connection is free and it is ``batch_gather_s``
+    old: 10 ms lets the reports that arrive together (many terminals report on the same
+    second) share a commit, while an idle writer adds little to an acknowledgement's delay.
     ``max_pending_rows`` (None: ``(connections + 2) * batch_rows``): one batch per connection
     in flight, one filling and one of slack; more would only add latency and memory (about
     1 KB per row in Python).
@@ -130,7 +134,7 @@ class WriterConfig:
     """
 
     batch_rows: int = 5_000
-    max_batch_age_s: float = 0.2
+    batch_gather_s: float = 0.01
     max_pending_rows: int | None = None
     connections: int = 2
     write_timeout_s: float = 5.0
@@ -208,7 +212,7 @@ class PositionWriter:
         self._open: _Batch | None = None
         self._ready: collections.deque[_Batch] = collections.deque()
         self._batch_opened = trio.Event()
-        self._batch_ready = trio.Event()
+        self._wake = trio.Event()  # a batch sealed or a connection freed
         # back-pressure
         self._outstanding = 0
         self._space = trio.Event()
@@ -315,7 +319,7 @@ class PositionWriter:
         assert self._open is not None
         self._ready.append(self._open)
         self._open = None
-        self._batch_ready.set()
+        self._wake.set()
 
     def _notify_space(self) -> None:
         self._space.set()
@@ -353,11 +357,18 @@ class PositionWriter:
                     self._batch_opened = trio.Event()
                     await self._batch_opened.wait()
                     continue
-                self._batch_ready = trio.Event()
-                with trio.move_on_at(self._open.opened_at + self.config.max_batch_age_s):
-                    await self._batch_ready.wait()
-                if not self._ready and self._open is not None:
-                    self._seal()  # old enough
+                # Seal the open batch once it is old enough and a connection can take it; while
+                # every connection is busy it keeps growing (group commit).
+                self._wake = trio.Event()
+                if self._inflight.value:
+                    due = self._open.opened_at + self.config.batch_gather_s
+                    if trio.current_time() >= due:
+                        self._seal()
+                        continue
+                    with trio.move_on_at(due):
+                        await self._wake.wait()
+                else:
+                    await self._wake.wait()
                 continue
             await self._inflight.acquire()
             if not self._ready:  # drained meanwhile by a shutdown
@@ -374,6 +385,7 @@ class PositionWriter:
                 await self._write_batch(batch)
         finally:
             self._inflight.release()
+            self._wake.set()
 
     # -- writing a batch ----------------------------------------------------------------------
 

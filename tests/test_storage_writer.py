@@ -49,7 +49,7 @@ T0 = datetime(2024, 5, 1, 12, 0, tzinfo=GMT8)
 RECEIVED = datetime(2024, 5, 1, 4, 0, 5, tzinfo=UTC)
 FAST = WriterConfig(
     batch_rows=50,
-    max_batch_age_s=0.02,
+    batch_gather_s=0.02,
     write_timeout_s=2.0,
     connect_timeout_s=1.0,
     retry_min_s=0.05,
@@ -344,7 +344,7 @@ async def test_without_spool_failures_are_not_durable() -> None:
 async def test_invalid_rows_fail_alone(db: str) -> None:
     good = make_rows(20)
     bad = [make_rows(1, start=20)[0]._replace(extras="{not json")]  # the server refuses it
-    config = dataclasses.replace(FAST, max_batch_age_s=0.5)
+    config = dataclasses.replace(FAST, batch_gather_s=0.5)
     async with running(PositionWriter(db, config=config)) as writer:
         c_good = await writer.submit(good)
         c_bad = await writer.submit(bad)
@@ -382,7 +382,7 @@ async def test_submit_waits_at_the_cap(db: str) -> None:
 
 
 async def test_cancel_flushes_the_open_batch(db: str) -> None:
-    config = dataclasses.replace(FAST, max_batch_age_s=60.0, batch_rows=10_000)
+    config = dataclasses.replace(FAST, batch_gather_s=60.0, batch_rows=10_000)
     writer = PositionWriter(db, config=config)
     async with running(writer):
         completion = await writer.submit(make_rows(25))
