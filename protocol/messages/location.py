@@ -445,9 +445,12 @@ class Location(Record):
     @property
     def items_clean(self) -> bool:
         """False when the item walk did not end exactly at the end of the body."""
-        return not self.leftover and not any(
-            isinstance(i, RawItem) and i.truncated for i in self.items
-        )
+        if self.leftover:
+            return False
+        for item in self.items:  # a plain loop: this runs for every stored position
+            if type(item) is RawItem and item.truncated:
+                return False
+        return True
 
     def find(self, item_type: type[Item]) -> Item | None:
         """The first item of a standard type, if any."""
@@ -465,14 +468,16 @@ class Location(Record):
         return [item.item_id for item in self.items]
 
     @classmethod
-    def parse_location(cls, data: bytes) -> Location:
+    def parse_location(cls, data: bytes) -> Self:
+        """Table 23 basic information and the additional items (as ``cls``: a
+        :class:`LocationReport` is built straight from its body, with no copy)."""
         if len(data) < LOCATION_BASIC_SIZE:
             raise BodyDecodeError(
                 f"location needs {LOCATION_BASIC_SIZE} bytes of basic information, got {len(data)}"
             )
         alarm, status, latitude, longitude, altitude, speed, direction = _BASIC.unpack_from(data)
         items, leftover = parse_items(data[LOCATION_BASIC_SIZE:])
-        return Location(
+        return cls(
             alarm=alarm,
             status=status,
             latitude=latitude,
@@ -524,7 +529,7 @@ class Location(Record):
 
     def location_fields(self) -> dict[str, Any]:
         """Every field of the location record, for building a subclass from it."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(Location)}
+        return {name: getattr(self, name) for name in _LOCATION_FIELDS}
 
     def extras_json(self) -> dict[str, Any]:
         extras: dict[str, Any] = {}
@@ -564,6 +569,9 @@ class Location(Record):
         return out
 
 
+_LOCATION_FIELDS = tuple(field.name for field in dataclasses.fields(Location))
+
+
 # ---------------------------------------------------------------------------------------------
 # Messages
 
@@ -577,7 +585,7 @@ class LocationReport(Location, Message):
 
     @classmethod
     def decode(cls, body: bytes, edition: Edition) -> Self:
-        return cls(**Location.parse_location(body).location_fields())
+        return cls.parse_location(body)
 
     def encode(self, edition: Edition = Edition.V2013) -> bytes:
         return self.build_location()
