@@ -58,6 +58,7 @@ class Metrics:
         self.frames = Counter(
             "jt808_frames", "Frames decoded, by message id", ["msg_id"], registry=r
         )
+        self._frame_counters: dict[int, Counter] = {}
         self.decode_errors = Counter(
             "jt808_decode_errors", "Frames that did not decode, by kind", ["kind"], registry=r
         )
@@ -156,3 +157,11 @@ class Metrics:
             "Online-session rows not written (queue full or database error)",
             registry=r,
         )
+
+    def count_frame(self, msg_id: int) -> None:
+        """Count one decoded frame (per frame: the labelled child is looked up once per id;
+        ids are WORDs, so the cache holds at most 65,536 entries, as the metric itself)."""
+        counter = self._frame_counters.get(msg_id)
+        if counter is None:
+            counter = self._frame_counters[msg_id] = self.frames.labels(msg_label(msg_id))
+        counter.inc()

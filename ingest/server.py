@@ -82,7 +82,7 @@ from ingest.interfaces import (
     SessionRecords,
     TerminalRegistry,
 )
-from ingest.metrics import Metrics, msg_label
+from ingest.metrics import Metrics
 from ingest.session import (
     STORED_MSG_IDS,
     Action,
@@ -585,7 +585,7 @@ class _Connection:
             self.metrics.decode_errors.labels(event.kind).inc()
             await self._perform(self.session.protocol_error(event, now=now))
             return
-        self.metrics.frames.labels(msg_label(event.msg_id)).inc()
+        self.metrics.count_frame(event.msg_id)
         if event.msg_id in STORED_MSG_IDS and self.session.authenticated:
             await self._wait_for_room()
             if self.stopping():

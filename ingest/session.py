@@ -75,7 +75,14 @@ from ingest.interfaces import (
     RegistrationRequest,
 )
 from ingest.uploads import Uploads
-from protocol.codec import MAX_BODY, Packet, encode, encode_split
+from protocol.codec import (
+    MAX_BODY,
+    Packet,
+    encode,
+    encode_general_response,
+    encode_split,
+    general_response_prefix,
+)
 from protocol.errors import (
     RESULT_FAILURE,
     RESULT_MESSAGE_ERROR,
@@ -319,6 +326,8 @@ class Session:
         self._in_flight: dict[int, _Ticket] = {}
         self._in_flight_keys: dict[DedupKey, int] = {}
         self._acks: deque[_PendingAck] = deque()  # bounded by the server's max_unacked
+        self._prefix_key: tuple[str, Edition, int] | None = None
+        self._prefix = b""
 
     # -- properties
 
@@ -730,7 +739,21 @@ class Session:
         response = PlatformGeneralResponse(
             reply_serial=header.serial, reply_msg_id=header.msg_id, result=result
         )
-        return self._send(response, header, edition, acked_at)
+        # The reply to (nearly) every frame: framed from a header prefix built once per
+        # terminal rather than through the generic encoder.
+        key = (header.phone, edition, header.protocol_version or 1)
+        if key != self._prefix_key:
+            self._prefix_key = key
+            self._prefix = general_response_prefix(*key)
+        serial = self._take_serials(1)
+        wire = encode_general_response(
+            self._prefix,
+            serial=serial,
+            reply_serial=header.serial,
+            reply_msg_id=header.msg_id,
+            result=result,
+        )
+        return Send(message=response, serial=serial, wire=wire, acked_at=acked_at)
 
     def _send(
         self, message: Message, header: Header, edition: Edition, acked_at: float | None = None

@@ -8,6 +8,7 @@ the message id.  Every failure is a :class:`RemoteProtocolError` about that one 
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -195,6 +196,41 @@ def encode_raw(
         package_index=package[1] if package else None,
     )
     return frame(build_header(header) + body)
+
+
+# 0x8001 platform general response (8.2, table 5): the one reply sent for almost every uplink
+# frame, so it has a writer of its own.  The header up to the serial depends only on the
+# terminal (phone, layout, protocol version), so a session builds it once.
+_GENERAL_RESPONSE_ID = 0x8001
+_GENERAL_RESPONSE_BODY = struct.Struct(">HHHB")  # header serial, then reply serial, id, result
+
+
+def general_response_prefix(phone: str, edition: Edition, protocol_version: int = 1) -> bytes:
+    """The 0x8001 header bytes before the serial, for :func:`encode_general_response`."""
+    header = build_header(
+        Header(
+            msg_id=_GENERAL_RESPONSE_ID,
+            body_length=5,
+            phone=phone,
+            serial=0,
+            layout=Edition.V2019 if edition is Edition.V2019 else Edition.V2013,
+            version_flag=edition is Edition.V2019,
+            protocol_version=protocol_version if edition is Edition.V2019 else None,
+        )
+    )
+    return header[:-2]
+
+
+def encode_general_response(
+    prefix: bytes, *, serial: int, reply_serial: int, reply_msg_id: int, result: int
+) -> bytes:
+    """The same frame as ``encode(PlatformGeneralResponse(...))`` (a test compares them), from
+    a :func:`general_response_prefix`, with one struct call."""
+    try:
+        tail = _GENERAL_RESPONSE_BODY.pack(serial, reply_serial, reply_msg_id, result)
+    except struct.error as exc:
+        raise LocalProtocolError(f"0x8001 field out of range: {exc}") from exc
+    return frame(prefix + tail)
 
 
 def encode_split(

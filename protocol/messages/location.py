@@ -447,7 +447,7 @@ class Location(Record):
         """False when the item walk did not end exactly at the end of the body."""
         if self.leftover:
             return False
-        for item in self.items:  # a plain loop: this runs for every stored position
+        for item in self.items:  # noqa: SIM110 - a plain loop: runs for every stored position
             if type(item) is RawItem and item.truncated:
                 return False
         return True
