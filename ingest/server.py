@@ -467,6 +467,8 @@ class _Connection:
         self.last_seen = self.connected_since
         self.close_reason = "cancelled"
         self._last_activity = self.connected_at
+        self._read_at = self.connected_at
+        self._read_wall = self.connected_since
         self._stop_reading = False
         self._drain_on_close = False
         self._interruptible: trio.CancelScope | None = None
@@ -557,6 +559,9 @@ class _Connection:
             if not data:
                 self.close_reason = "peer closed"
                 return
+            # Receipt time of this read's frames (one clock read each per read, not per frame).
+            self._read_at = trio.current_time()
+            self._read_wall = self.server.wall_clock()
             await self._record(data)
             self.decoder.feed(data)
             for event in self.decoder:
@@ -578,9 +583,9 @@ class _Connection:
         return idle, "idle timeout"
 
     async def _handle(self, event: Packet | RemoteProtocolError) -> None:
-        now = trio.current_time()
+        now = self._read_at
         self._last_activity = now
-        self.last_seen = self.server.wall_clock()
+        self.last_seen = self._read_wall
         if isinstance(event, RemoteProtocolError):
             self.metrics.decode_errors.labels(event.kind).inc()
             await self._perform(self.session.protocol_error(event, now=now))

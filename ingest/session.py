@@ -270,8 +270,15 @@ class DedupCache:
 
 
 def dedup_key(packet: Packet) -> DedupKey:
-    # Decoded messages are frozen dataclasses; equal bodies decode to equal messages.
-    return (packet.phone, packet.msg_id, packet.serial, hash(packet.message))
+    # The body bytes when at hand (hashing bytes is cheap, and cached); else the decoded
+    # message: frozen dataclasses, and equal bodies decode to equal messages.
+    body = packet.body
+    return (
+        packet.phone,
+        packet.msg_id,
+        packet.serial,
+        hash(packet.message if body is None else body),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,6 +612,7 @@ class Session:
                     message=outcome.packet.message,
                     edition=outcome.packet.edition,
                     quirks=outcome.packet.quirks,
+                    body=outcome.packet.body,
                 )
                 actions.append(
                     Log(

@@ -52,7 +52,8 @@ class Packet:
     """A decoded frame.
 
     ``edition`` is the edition the body was read as (the header's layout, narrowed to 2011
-    where the body says so).  ``message`` is a :class:`Fragment` for one package of a
+    where the body says so).  ``body`` is the (reassembled) body, None when the packet was built
+    another way.  ``message`` is a :class:`Fragment` for one package of a
     sub-packaged message and a :class:`RawMessage` for unknown ids and encrypted bodies.
     """
 
@@ -60,6 +61,7 @@ class Packet:
     message: Message
     edition: Edition
     quirks: frozenset[str] = field(default_factory=frozenset)
+    body: bytes | None = None  # the body bytes it was decoded from, when at hand
 
     @property
     def msg_id(self) -> int:
@@ -130,7 +132,9 @@ def decode_frame(checked: Frame) -> Packet:
         except RemoteProtocolError as exc:
             exc.header = header
             raise
-    return Packet(header=header, message=message, edition=edition, quirks=checked.quirks)
+    return Packet(
+        header=header, message=message, edition=edition, quirks=checked.quirks, body=checked.body
+    )
 
 
 def decode(wire: bytes) -> Packet:

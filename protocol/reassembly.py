@@ -672,7 +672,7 @@ class Reassembler:
                     exc,
                 )
                 return Undecodable(key=key, header=first, body=body, error=exc)
-        packet = Packet(header=first, message=message, edition=edition, quirks=quirks)
+        packet = Packet(header=first, message=message, edition=edition, quirks=quirks, body=body)
         return Reassembled(key=key, packet=packet)
 
     def _remove(self, series: _Series) -> None:
