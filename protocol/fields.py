@@ -7,6 +7,7 @@ device sends is readable, and encode the same way: for GBK characters the bytes 
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta, timezone
 from typing import IO, Any
 
@@ -98,7 +99,15 @@ class _BcdTime(Adapter):  # type: ignore[misc]
         return datetime_to_bcd_time(obj)
 
 
+# Terminals report on the second, so the frames of a busy second share a handful of times;
+# datetimes are immutable, so one object per BCD value serves them all.
 def bcd_time_to_datetime(obj: bytes) -> datetime | None:
+    """BCD[6] YYMMDDhhmmss in GMT+8 (table 23); None for digits that are no valid time."""
+    return _bcd_time(bytes(obj))
+
+
+@functools.lru_cache(maxsize=4096)
+def _bcd_time(obj: bytes) -> datetime | None:
     digits = obj.hex()
     if not digits.isdigit():
         return None

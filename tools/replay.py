@@ -157,6 +157,9 @@ class Segmenter:
 
     def feed(self, offset_ns: int, data: bytes) -> list[Segment]:
         """The segments of one record (``data`` recorded at ``offset_ns``)."""
+        if not data:
+            return []  # no bytes: it resolves nothing, and bytes held until finish() keep
+            # the time of the last record that brought any
         self._offset = offset_ns
         pos = 0
         while True:
