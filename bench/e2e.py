@@ -10,7 +10,11 @@ leaves only once its position is committed or fsynced to the spool); ``--sim-pro
 simulator processes run ``--terminals`` terminals in all.  The terminals connect over
 ``--ramp-s``, register and authenticate; ``--online-timeout-s`` later they start reporting, each
 one 0x0200 per position every ``--interval-s``, ``--group`` of them written together, the
-groups of the fleet spread evenly over the group period.  Reported:
+groups of the fleet spread evenly over the group period.  (One position per 0x0200 frame always;
+the grouping is what a terminal does when it catches up, and it spreads the cost of a write
+and a wake-up, on both sides, over the group: the aggregate load of 2,200 terminals at 10
+reports a second stands for some 200,000 terminals reporting every 10 s, more connections than
+one machine's descriptors allow.  ``--group 1`` measures single-frame writes.)  Reported:
 
 * ``sent`` / ``acked``: positions the simulators sent and got an 0x8001 result 0 for;
   ``stored``: rows in ``positions`` afterwards.  Zero loss means all three agree.
@@ -799,10 +803,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--dsn", default=os.environ.get("JT808_TEST_DSN") or DEFAULT_DSN)
     add("--quick", action="store_true", help="scaled-down run, under a minute")
     add("--mode", choices=["all", "throughput", "scale"], default="all")
-    add("--terminals", type=int, default=None, help="throughput terminals (default 2000)")
+    add("--terminals", type=int, default=None, help="throughput terminals (default 2200)")
     add("--interval-s", type=float, default=0.1, help="reporting interval (default 0.1)")
-    add("--group", type=int, default=10, help="0x0200 frames written together (default 10)")
-    add("--window", type=int, default=16, help="unacknowledged messages per terminal")
+    add("--group", type=int, default=20, help="0x0200 frames written together (default 20)")
+    add("--window", type=int, default=32, help="unacknowledged messages per terminal (default 32)")
+    add(
+        "--runs",
+        type=int,
+        default=1,
+        help="throughput runs per worker count; the run with the median p99 is reported "
+        "(all runs are in the JSON)",
+    )
     add("--duration-s", type=float, default=None, help="steady reporting time (default 30)")
     add("--ramp-s", type=float, default=None, help="connect ramp (default 5)")
     add(
@@ -819,7 +830,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="scale mode: how long to wait after the ramp for every terminal to be online "
         "(default 180, --quick 20)",
     )
-    add("--sim-processes", type=int, default=2, help="simulator processes (default 2)")
+    add(
+        "--sim-processes",
+        type=int,
+        default=1,
+        help="simulator processes (default 1: fewer processes competing for the two cores "
+        "gave the lower tail latency)",
+    )
     add(
         "--sim-gc",
         default="50000,20,100",
@@ -839,7 +856,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     quick = options.quick
     defaults = {
-        "terminals": 300 if quick else 2000,
+        "terminals": 300 if quick else 2200,
         "duration_s": 6.0 if quick else 30.0,
         "ramp_s": 2.0 if quick else 5.0,
         "workers": "1,2",
@@ -867,10 +884,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(args)
     begun = time.monotonic()
     runs: list[dict[str, Any]] = []
+    every_run: list[dict[str, Any]] = []
     if options.mode in ("all", "throughput"):
-        runs = [throughput(options, options.dsn, workers) for workers in options.worker_counts]
+        for workers in options.worker_counts:
+            tries = [throughput(options, options.dsn, workers) for _ in range(options.runs)]
+            every_run.extend(tries)
+            # The machines are shared and noisy: the run with the median tail stands for all.
+            ranked = sorted(tries, key=lambda r: (r["p99_ack_ms"] is None, r["p99_ack_ms"]))
+            runs.append({**ranked[(len(ranked) - 1) // 2], "runs": len(tries)})
     scaled = scale(options, options.dsn) if options.mode in ("all", "scale") else None
-    log(json.dumps({"throughput": runs, "scale": scaled}, separators=(",", ":")))
+    log(
+        json.dumps(
+            {"throughput": runs, "every_throughput_run": every_run, "scale": scaled},
+            separators=(",", ":"),
+        )
+    )
     best = max(
         (r for r in runs if r["lossless"]),
         key=lambda r: r["stored_per_s"],
