@@ -441,7 +441,48 @@ _REASON_LABELS = (
 
 
 class _Connection:
-    """One terminal connection: its session, decoder and tasks."""
+    """One terminal connection: its session, decoder and tasks.
+
+    Memory matters here (a node holds tens of thousands of mostly idle connections): slots,
+    and what an idle terminal never uses is made on first use -- the acknowledging task and
+    its channel with the first stored report, the progress event with the first waiter, the
+    log adapter per log call.
+    """
+
+    __slots__ = (
+        "_batch",
+        "_batch_tickets",
+        "_buffered_reported",
+        "_capture",
+        "_closed",
+        "_commands",
+        "_completions_in",
+        "_counted",
+        "_drain_on_close",
+        "_in_flight_reported",
+        "_interruptible",
+        "_last_activity",
+        "_nursery",
+        "_progress",
+        "_read_at",
+        "_read_wall",
+        "_replies",
+        "_send_lock",
+        "_stop_reading",
+        "close_reason",
+        "config",
+        "connected_at",
+        "connected_since",
+        "decoder",
+        "last_seen",
+        "metrics",
+        "number",
+        "peer",
+        "scope",
+        "server",
+        "session",
+        "stream",
+    )
 
     def __init__(self, server: Server, stream: trio.SocketStream, number: int) -> None:
         self.server = server
@@ -459,7 +500,6 @@ class _Connection:
             max_frame_bytes=self.config.max_frame_bytes,
             max_buffered_bytes=self.config.max_buffered_bytes,
         )
-        self.log = _TerminalLog(self)
         self.metrics = server.metrics
         self.scope = trio.CancelScope()
         self.connected_at = trio.current_time()
@@ -473,12 +513,11 @@ class _Connection:
         self._drain_on_close = False
         self._interruptible: trio.CancelScope | None = None
         self._send_lock = trio.Lock()
-        self._progress = trio.Event()
+        self._progress: trio.Event | None = None  # made by the first waiter
+        self._nursery: trio.Nursery | None = None
         # (tickets, completion) in submission order: the reports of one read share a
         # completion; at most max_unacked reports are in flight, so at most that many batches.
-        self._completions_in, self._completions_out = trio.open_memory_channel[
-            tuple[list[int], Completion]
-        ](self.config.max_unacked + 1)
+        self._completions_in: trio.MemorySendChannel[tuple[list[int], Completion]] | None = None
         # What one read produced, handed on together in :meth:`_flush`: replies to write
         # (wire, receipt time of the report an ack answers) and positions to store.
         self._replies: list[tuple[bytes, float | None]] = []
@@ -494,6 +533,10 @@ class _Connection:
     @property
     def phone(self) -> str | None:
         return self.session.phone
+
+    @property
+    def log(self) -> _TerminalLog:
+        return _TerminalLog(self)
 
     def stopping(self) -> bool:
         """Reading has ended or is ending (a method: mypy must not narrow it across awaits)."""
@@ -536,13 +579,13 @@ class _Connection:
         if self.config.capture_dir is not None:
             await self._open_capture()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._acknowledge)
+            self._nursery = nursery
             await self._read()
             if self._drain_on_close and self.session.pending:
                 # Bounded by the grace; the server's own deadline bounds a shutdown as well.
                 with trio.move_on_after(self.config.shutdown_grace_s):
                     while self.session.pending:
-                        await self._progress.wait()
+                        await self._progress_event().wait()
             nursery.cancel_scope.cancel()
 
     async def _read(self) -> None:
@@ -617,15 +660,22 @@ class _Connection:
                 if self._stop_reading:
                     scope.cancel()
                 while self.session.pending >= self.config.max_unacked:
-                    await self._progress.wait()
+                    await self._progress_event().wait()
             self._interruptible = None
         finally:
             self.metrics.backpressured.dec()
         self._last_activity = trio.current_time()
 
-    async def _acknowledge(self) -> None:
+    def _progress_event(self) -> trio.Event:
+        if self._progress is None:
+            self._progress = trio.Event()
+        return self._progress
+
+    async def _acknowledge(
+        self, completions: trio.MemoryReceiveChannel[tuple[list[int], Completion]]
+    ) -> None:
         """Await completions in submission order; send the acks they release."""
-        async for tickets, completion in self._completions_out:
+        async for tickets, completion in completions:
             durable = await completion.wait()
             count = len(tickets)
             self.metrics.unacked.dec(count)
@@ -637,8 +687,9 @@ class _Connection:
                 await self._perform(self.session.storage_done(ticket, durable, now=now))
             await self._write_replies()
             # Wake the reader (back-pressure) and a draining close only after the acks left.
-            self._progress.set()
-            self._progress = trio.Event()
+            if self._progress is not None:
+                self._progress.set()
+                self._progress = None
 
     # -- commands
 
@@ -769,6 +820,13 @@ class _Connection:
             self.metrics.positions.inc(len(records))
             self.metrics.unacked.inc(len(tickets))
             self._in_flight_reported += len(tickets)
+            if self._completions_in is None:
+                # The first stored report: start acknowledging (in submission order).
+                assert self._nursery is not None, "submissions come from run()"
+                self._completions_in, completions = trio.open_memory_channel[
+                    tuple[list[int], Completion]
+                ](self.config.max_unacked + 1)
+                self._nursery.start_soon(self._acknowledge, completions)
             await self._completions_in.send((tickets, completion))
         await self._write_replies()
 

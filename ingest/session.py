@@ -307,6 +307,29 @@ class _PendingAck:
 class Session:
     """One connection's protocol state.  See the module docstring for the contract."""
 
+    # One per connection, and a node holds tens of thousands: no per-instance dict.
+    __slots__ = (
+        "_acks",
+        "_dedup",
+        "_header",
+        "_in_flight",
+        "_in_flight_keys",
+        "_new_auth_code",
+        "_next_serial",
+        "_next_ticket",
+        "_prefix",
+        "_prefix_key",
+        "_uploads",
+        "edition",
+        "failures",
+        "last_seen",
+        "phone",
+        "policy",
+        "refused",
+        "retransmissions",
+        "state",
+    )
+
     def __init__(
         self,
         *,
