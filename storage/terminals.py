@@ -2,8 +2,11 @@
 
 The ``terminals`` table keeps each terminal's auth code, so a terminal that registered once
 authenticates again after a server restart.  :class:`TerminalStore` runs the statements on one
-dedicated connection in a worker thread: registrations and authentications happen once per
-connection, far less often than positions, and one connection keeps them strictly ordered.
+dedicated connection in a worker thread, which keeps them strictly ordered.  Registrations and
+authentications come in storms (every terminal of a fleet reconnects after a network or server
+restart), and each is a write whose commit waits for a WAL flush; so those that arrive while a
+batch is being written are written together next, in one transaction with one commit (group
+commit), and each caller gets its own statement's result.
 """
 
 from __future__ import annotations
@@ -92,14 +95,32 @@ ON CONFLICT (phone) DO UPDATE SET provisioning_state = 'provisioned', updated_at
 """
 
 
+@dataclasses.dataclass(slots=True)
+class _Write:
+    """One queued statement and, once its batch is written, its row count or error."""
+
+    query: str
+    params: Sequence[Any] | Mapping[str, Any]
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    rowcount: int = 0
+    error: BaseException | None = None
+
+
 class TerminalStore:
     """Registration, authentication and provisioning against the ``terminals`` table."""
+
+    # Statements per transaction: one commit for the batch, still short enough that a batch
+    # never holds its row locks for long.
+    MAX_BATCH = 500
 
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
         self._conn: psycopg.Connection[Any] | None = None
         self._thread_lock = threading.Lock()  # one statement at a time on the connection
         self._limiter = trio.CapacityLimiter(1)
+        # Bounded by the callers: each connection task waits on at most one write.
+        self._queue: list[_Write] = []
+        self._writing = False
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
@@ -114,6 +135,53 @@ class TerminalStore:
                 self._conn = None  # reconnect on the next call
                 raise
             return rowcount
+
+    def _run_batch(self, writes: Sequence[_Write]) -> None:
+        """Write ``writes`` in one transaction; if it fails, each on its own (so that one bad
+        statement fails alone and a broken connection fails them all, as each would)."""
+        with self._thread_lock:
+            try:
+                conn = self._connection()
+                with conn.transaction():
+                    for write in writes:
+                        write.rowcount = conn.execute(write.query, write.params).rowcount
+            except psycopg.Error:
+                if self._conn is not None and (self._conn.closed or self._conn.broken):
+                    self._conn = None
+            else:
+                return
+        for write in writes:
+            try:
+                write.rowcount = self._run(write.query, write.params)
+            except psycopg.Error as exc:
+                write.error = exc
+
+    async def _write(self, query: str, params: Sequence[Any] | Mapping[str, Any]) -> int:
+        """Queue a statement; the first caller to find no batch in progress writes batches
+        until the queue is empty (shielded: the others wait on it), the rest wait."""
+        write = _Write(query, params)
+        self._queue.append(write)
+        if self._writing:
+            await write.done.wait()
+        else:
+            self._writing = True
+            try:
+                with trio.CancelScope(shield=True):
+                    while self._queue:
+                        batch = self._queue[: self.MAX_BATCH]
+                        del self._queue[: self.MAX_BATCH]
+                        try:
+                            await trio.to_thread.run_sync(
+                                self._run_batch, batch, limiter=self._limiter
+                            )
+                        finally:
+                            for done in batch:
+                                done.done.set()
+            finally:
+                self._writing = False
+        if write.error is not None:
+            raise write.error
+        return write.rowcount
 
     def register_sync(self, registration: Registration) -> int:
         """Record a registration; returns the table 9 result code."""
@@ -147,19 +215,26 @@ class TerminalStore:
         self._run(_PROVISION, (phone,))
 
     async def register(self, registration: Registration) -> int:
-        return await trio.to_thread.run_sync(
-            self.register_sync, registration, limiter=self._limiter
-        )
+        """:meth:`register_sync`, written together with the others waiting."""
+        params = dataclasses.asdict(registration)
+        if registration.policy == POLICY_REGISTRY:
+            updated = await self._write(_UPDATE_PROVISIONED, params)
+            return REGISTER_OK if updated else REGISTER_TERMINAL_UNKNOWN
+        await self._write(_UPSERT, params)
+        return REGISTER_OK
 
     async def authenticate(
         self, *, phone: str, auth_code: str, imei: str | None, firmware: str | None, at: datetime
     ) -> bool:
-        return await trio.to_thread.run_sync(
-            lambda: self.authenticate_sync(
-                phone=phone, auth_code=auth_code, imei=imei, firmware=firmware, at=at
-            ),
-            limiter=self._limiter,
-        )
+        """:meth:`authenticate_sync`, written together with the others waiting."""
+        params = {
+            "phone": phone,
+            "auth_code": auth_code,
+            "imei": imei,
+            "firmware": firmware,
+            "at": at,
+        }
+        return await self._write(_AUTHENTICATE, params) == 1
 
     async def lookup(self, phone: str) -> TerminalRecord | None:
         return await trio.to_thread.run_sync(self.lookup_sync, phone, limiter=self._limiter)
