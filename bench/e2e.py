@@ -43,14 +43,16 @@ row, so ``stored`` would fall short of ``acked`` without any loss.  So the devic
 Connection scale (``--connections N``): N idle terminals that register, authenticate and then
 only send heartbeats (every ``--heartbeat-s``), spread over several simulator processes (a
 process may hold at most 20,000 descriptors here) bound to several loopback source addresses
-(about 28,000 ephemeral ports each), against a server with one worker per 18,000 connections.
-Terminals connect at ``--scale-rate`` per second: each registers and authenticates, and both
-wait on one database connection per worker (``storage.TerminalStore``), so a faster storm only
-queues them until the server's authentication timeout closes them.  Once all are online (or
+(5,000 connections each), against a server with one worker per 18,000 connections.
+Terminals connect at ``--scale-rate`` per second: each registers and authenticates, both
+writes to the database (``storage.TerminalStore`` writes the storm's statements in shared
+transactions, one commit each); a storm faster than the database takes them only queues them
+until the server's authentication timeout closes them.  Once all are online (or
 ``--scale-online-timeout-s`` after the ramp) they are held ``--scale-hold-s``.  Reported: how
 many got online, heartbeat acks and their p99 while holding, and the server's RSS per
-connection = (RSS with the connections - RSS before them) / connections held, sampled at the
-end of the hold (with the server's own count of authenticated sessions at that moment).
+connection = (RSS with the connections - RSS before them) / connections held, and the same
+all-in (``server_rss_total_kb_per_conn``: the workers' whole RSS / connections held), sampled
+at the end of the hold (with the server's own count of authenticated sessions at that moment).
 
 Every run is bounded: each child has a deadline after which it is killed, and the script
 stops by itself.  ``--quick`` is a scaled-down run (under a minute).  The last line is one JSON
@@ -67,6 +69,7 @@ import gc
 import json
 import math
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -114,11 +117,21 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+def free_port(count: int = 1) -> int:
+    """A port with ``count`` consecutive free ports from it (worker ``i`` serves
+    ``http_port + i``), below the ephemeral range (32768 and up): an outgoing connection
+    may take an ephemeral port between this check and the server's bind, nothing takes these."""
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randrange(20_000, 32_768 - count)
+        try:
+            for offset in range(count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
         return port
+    raise RuntimeError(f"no {count} consecutive free ports below 32768")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +227,7 @@ class ServerRun:
 def server(
     dsn: str, workdir: Path, *, workers: int, env: dict[str, str] | None = None
 ) -> Iterator[ServerRun]:
-    port, http_port = free_port(), free_port()
+    port, http_port = free_port(), free_port(count=workers)
     log_path = workdir / f"server-w{workers}-{port}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
@@ -851,10 +864,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--scale-rate",
         type=float,
         default=None,
-        help="scale mode: new terminals per second (default 200: registration and "
+        help="scale mode: new terminals per second (default 1000: registration and "
         "authentication each wait on the database, see the module docstring)",
     )
-    add("--scale-hold-s", type=float, default=None, help="scale mode hold (default 90)")
+    add("--scale-hold-s", type=float, default=None, help="scale mode hold (default 60)")
     options = parser.parse_args(argv)
     quick = options.quick
     defaults = {
@@ -866,8 +879,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "heartbeat_s": 3.0 if quick else 30.0,
         "online_timeout_s": 3.0 if quick else 30.0,
         "scale_online_timeout_s": 20.0 if quick else 180.0,
-        "scale_rate": 750.0 if quick else 200.0,
-        "scale_hold_s": 5.0 if quick else 90.0,
+        "scale_rate": 750.0 if quick else 1000.0,
+        "scale_hold_s": 5.0 if quick else 60.0,
     }
     for key, value in defaults.items():
         if getattr(options, key) is None:

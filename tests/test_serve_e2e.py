@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -159,13 +160,14 @@ async def test_auth_code_survives_a_restart(db: str, tmp_path: Path) -> None:
 
 
 def _free_port(count: int = 1) -> int:
-    """A port with ``count`` consecutive free ports from it (workers serve http_port + i)."""
-    for _ in range(100):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
+    """A port with ``count`` consecutive free ports from it (workers serve http_port + i),
+    below the ephemeral range (32768 and up), where no outgoing connection can take it
+    between this check and the server's bind."""
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randrange(20_000, 32_768 - count)
         try:
-            for offset in range(1, count):
+            for offset in range(count):
                 with socket.socket() as probe:
                     probe.bind(("127.0.0.1", port + offset))
         except OSError:
