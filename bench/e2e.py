@@ -19,7 +19,8 @@ one machine's descriptors allow.  ``--group 1`` measures single-frame writes.)  
 * ``sent`` / ``acked``: positions the simulators sent and got an 0x8001 result 0 for;
   ``stored``: rows in ``positions`` afterwards.  Zero loss means all three agree.
 * ``stored_per_s``: rows stored per second in the steady part, counted in the database by
-  ``received_at``.  The steady part opens ``SETTLE_S`` after the reports start and lasts
+  ``received_at``.  The steady part opens ``SETTLE_S`` after every terminal's first write
+  (one group period after the reports start) and lasts
   ``--duration-s``; then the bench tells the simulators to stop (they drain what is
   outstanding).  ``seconds_until_all_online``: how long the server took to count every
   terminal authenticated (its ``/metrics``).
@@ -611,7 +612,9 @@ def throughput(options: argparse.Namespace, base_dsn: str, workers: int) -> dict
     ramp_s = options.ramp_s
     report_after_s = ramp_s + options.online_timeout_s
     # The simulators' own end is a safety net: the bench stops them (the "stop" file).
-    limit_s = report_after_s + SETTLE_S + options.duration_s + 30.0
+    limit_s = (
+        report_after_s + options.interval_s * options.group + SETTLE_S + options.duration_s + 30.0
+    )
     with (
         tempfile.TemporaryDirectory(prefix="jt808-e2e-") as tmp,
         scratch_database(base_dsn) as dsn,
@@ -650,7 +653,11 @@ def throughput(options: argparse.Namespace, base_dsn: str, workers: int) -> dict
             )
             online_s = wait_online(srv, workers, options.terminals, report_after_s)
             online = scrape(srv, workers).get("server_sessions_authenticated", 0)
-            time.sleep(max(0.0, started + report_after_s + SETTLE_S - time.time()))
+            # A terminal's first write comes one group period after its reports start (a group
+            # is written when its last position is due): the steady part opens after that.
+            first_writes_s = options.interval_s * options.group
+            steady_at = started + report_after_s + first_writes_s + SETTLE_S
+            time.sleep(max(0.0, steady_at - time.time()))
             signal_children(control, "steady")
             since = time.time()
             time.sleep(options.duration_s)
