@@ -12,7 +12,7 @@ simulator processes run ``--terminals`` terminals in all.  The terminals connect
 one 0x0200 per position every ``--interval-s``, ``--group`` of them written together, the
 groups of the fleet spread evenly over the group period.  (One position per 0x0200 frame always;
 the grouping is what a terminal does when it catches up, and it spreads the cost of a write
-and a wake-up, on both sides, over the group: the aggregate load of 2,200 terminals at 10
+and a wake-up, on both sides, over the group: the aggregate load of 2,100 terminals at 10
 reports a second stands for some 200,000 terminals reporting every 10 s, more connections than
 one machine's descriptors allow.  ``--group 1`` measures single-frame writes.)  Reported:
 
@@ -825,7 +825,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--dsn", default=os.environ.get("JT808_TEST_DSN") or DEFAULT_DSN)
     add("--quick", action="store_true", help="scaled-down run, under a minute")
     add("--mode", choices=["all", "throughput", "scale"], default="all")
-    add("--terminals", type=int, default=None, help="throughput terminals (default 2200)")
+    add("--terminals", type=int, default=None, help="throughput terminals (default 2100)")
     add("--interval-s", type=float, default=0.1, help="reporting interval (default 0.1)")
     add("--group", type=int, default=20, help="0x0200 frames written together (default 20)")
     add("--window", type=int, default=32, help="unacknowledged messages per terminal (default 32)")
@@ -878,7 +878,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     quick = options.quick
     defaults = {
-        "terminals": 300 if quick else 2200,
+        "terminals": 300 if quick else 2100,
         "duration_s": 6.0 if quick else 30.0,
         "ramp_s": 2.0 if quick else 5.0,
         "workers": "1,2",
