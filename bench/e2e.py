@@ -879,7 +879,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     quick = options.quick
     defaults = {
         "terminals": 300 if quick else 2100,
-        "duration_s": 6.0 if quick else 30.0,
+        "duration_s": 4.0 if quick else 30.0,
         "ramp_s": 2.0 if quick else 5.0,
         "workers": "1,2",
         "connections": 3000 if quick else 100_000,
