@@ -848,14 +848,17 @@ class _Connection:
         if self._closed:
             return False
         async with self._send_lock:
+            # A plain cancel scope rather than trio.fail_after (a generator-based context
+            # manager): this runs for nearly every frame a terminal sends.
+            deadline = trio.current_time() + self.config.send_timeout_s
             try:
-                with trio.fail_after(self.config.send_timeout_s):
+                with trio.CancelScope(deadline=deadline) as scope:
                     await self.stream.send_all(wire)
-            except trio.TooSlowError:
-                self._abort("send timeout")
-                return False
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._abort(f"peer error: {exc!r}")
+                return False
+            if scope.cancelled_caught:
+                self._abort("send timeout")
                 return False
         return True
 

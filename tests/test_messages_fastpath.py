@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 from protocol.codec import encode, encode_general_response, general_response_prefix
 from protocol.errors import LocalProtocolError
 from protocol.header import Edition
-from protocol.messages.terminal import PlatformGeneralResponse, TerminalGeneralResponse
+from protocol.messages.base import Message
+from protocol.messages.terminal import (
+    Heartbeat,
+    PlatformGeneralResponse,
+    TerminalGeneralResponse,
+    TerminalLogout,
+)
 
 RESPONSES = [PlatformGeneralResponse, TerminalGeneralResponse]
 
@@ -71,3 +77,11 @@ def test_general_response_frame_out_of_range_is_local_misuse() -> None:
     prefix = general_response_prefix("13800138000", Edition.V2013)
     with pytest.raises(LocalProtocolError):
         encode_general_response(prefix, serial=0, reply_serial=0x10000, reply_msg_id=1, result=0)
+
+
+@pytest.mark.parametrize("cls", [Heartbeat, TerminalLogout])
+@given(st.binary(max_size=8), editions)
+def test_empty_bodied_messages_decode_like_their_schema(
+    cls: type[Heartbeat], body: bytes, edition: Edition
+) -> None:
+    assert cls.decode(body, edition) == Message.decode.__func__(cls, body, edition)  # type: ignore[attr-defined]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from construct import Construct, If, Struct, this
 
@@ -66,6 +66,12 @@ class Heartbeat(Message):
     MSG_ID: ClassVar[int] = 0x0002
     SCHEMA: ClassVar[Construct] = Struct()
 
+    @classmethod
+    def decode(cls, body: bytes, edition: Edition) -> Self:
+        # What the empty schema gives for any body (bytes after it are ignored, as for every
+        # schema), without a construct parse: terminals send one of these every few seconds.
+        return cls()
+
 
 @register
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +80,12 @@ class TerminalLogout(Message):
 
     MSG_ID: ClassVar[int] = 0x0003
     SCHEMA: ClassVar[Construct] = Struct()
+
+    @classmethod
+    def decode(cls, body: bytes, edition: Edition) -> Self:
+        # What the empty schema gives for any body (bytes after it are ignored, as for every
+        # schema), without a construct parse: terminals send one of these every few seconds.
+        return cls()
 
 
 # Table 7 (2013) and table 8 (2019): terminal registration.  2011 has an 8-byte model.
