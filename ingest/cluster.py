@@ -49,7 +49,7 @@ from ingest.commands import (
     message_from_json,
     parse_msg_id,
 )
-from ingest.interfaces import ClusterTransport, SessionRecords
+from ingest.interfaces import ClusterTransport, SessionChange, SessionRecords
 from ingest.metrics import Metrics
 from protocol.messages.base import Message
 
@@ -77,12 +77,14 @@ MAX_WAITING_REPLIES = 64
 # terminal within seconds; 2 x the default connection cap (an online and an offline row each)
 # keeps them all.  Rows beyond are dropped and logged (they are advisory).
 SESSION_QUEUE_ROWS = 40_000
+# Session rows written in one transaction.
+SESSION_BATCH_ROWS = 1_000
 # At start and stop the node's rows are cleared; a database that does not answer within this
 # time is left alone (rows of a dead node only make commands to its terminals fail "offline").
 CLEAR_TIMEOUT_S = 10.0
 
 LocalExecutor = Callable[[str, Message], Awaitable[dict[str, Any] | None]]
-_Row = tuple[str, str, datetime, str]  # ("online" | "offline", phone, connected_since, peer)
+_Row = SessionChange
 
 
 def phone_candidates(phone: str) -> list[str]:
@@ -170,13 +172,16 @@ class ClusterRouter:
             logger.warning("phone=%s session row (%s) dropped: queue full", row[1], row[0])
 
     async def _write_rows(self) -> None:
-        async for kind, phone, since, peer in self._rows_out:
-            if kind == "online":
-                ok = await self.sessions.online(phone, self.node, since, peer)
-            else:
-                ok = await self.sessions.offline(phone, self.node, since)
-            if not ok:
-                self.metrics.session_rows_dropped.inc()
+        # What queued while the last rows were written goes in one write (in order).
+        async for first in self._rows_out:
+            rows = [first]
+            while len(rows) < SESSION_BATCH_ROWS:
+                try:
+                    rows.append(self._rows_out.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            if not await self.sessions.record(self.node, rows):
+                self.metrics.session_rows_dropped.inc(len(rows))
 
     # -- commands
 

@@ -409,6 +409,10 @@ class InMemoryMediaSink:
 # Cluster
 
 
+# ("online" | "offline", phone, connected_since, peer ("" for offline))
+SessionChange = tuple[str, str, datetime, str]
+
+
 class SessionRecords(Protocol):
     """The ``sessions`` table: which node holds which terminal.
 
@@ -426,6 +430,10 @@ class SessionRecords(Protocol):
 
     async def offline(self, phone: str, node: str, connected_since: datetime) -> bool:
         """Remove the row of ``phone`` if it is still the one ``node`` recorded."""
+        ...
+
+    async def record(self, node: str, changes: Sequence[SessionChange]) -> bool:
+        """:meth:`online`/:meth:`offline` for each change, in order, written together."""
         ...
 
     async def locate(self, phones: Sequence[str]) -> tuple[str, str] | None:
@@ -454,6 +462,14 @@ class ClusterTransport(Protocol):
 
 class InMemorySessionRecords:
     """A dict standing in for the ``sessions`` table (one process, or nodes in one test)."""
+
+    async def record(self, node: str, changes: Sequence[SessionChange]) -> bool:
+        for kind, phone, since, peer in changes:
+            if kind == "online":
+                await self.online(phone, node, since, peer)
+            else:
+                await self.offline(phone, node, since)
+        return True
 
     def __init__(self) -> None:
         self.rows: dict[str, tuple[str, datetime, str]] = {}

@@ -146,6 +146,26 @@ class SessionTable:
             f"phone={phone} offline", _OFFLINE, (phone, node, connected_since)
         )
 
+    async def record(self, node: str, changes: Sequence[tuple[str, str, datetime, str]]) -> bool:
+        """Each ("online" | "offline", phone, connected_since, peer) change in order, in one
+        transaction: a reconnect storm brings one row per terminal, and one commit each
+        would keep the rows minutes behind the connections."""
+
+        def write(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction():
+                for kind, phone, since, peer in changes:
+                    if kind == "online":
+                        conn.execute(_ONLINE, (phone, node, since, peer))
+                    else:
+                        conn.execute(_OFFLINE, (phone, node, since))
+
+        try:
+            await self._link.run_async(write)
+        except psycopg.Error as exc:
+            logger.warning("sessions table: %s changes failed: %s", len(changes), exc)
+            return False
+        return True
+
     async def locate(self, phones: Sequence[str]) -> tuple[str, str] | None:
         """(phone, node) of the first of ``phones`` with a row."""
         try:

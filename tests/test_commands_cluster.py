@@ -128,3 +128,29 @@ async def wait_until_row(table: SessionTable, phone: str | None) -> None:
     expected = [] if phone is None else [phone]
     while await phones() != expected:  # noqa: ASYNC110 - polls the database: no event to wait on
         await trio.sleep(0.02)
+
+
+async def test_session_changes_are_written_together_in_order(db: str) -> None:
+    table = SessionTable(db)
+    first = datetime(2024, 1, 1, tzinfo=UTC)
+    later = datetime(2024, 1, 2, tzinfo=UTC)
+    changes = [
+        *[("online", f"0138000{n:05d}", first, f"10.0.0.{n % 250}:1") for n in range(300)],
+        ("offline", "013800000001", first, ""),  # its terminal left
+        ("online", "013800000002", later, "10.0.0.9:2"),  # reconnected: a newer row
+        ("offline", "013800000002", first, ""),  # the old connection's offline: no effect
+    ]
+    try:
+        assert await table.record("node-a", changes)
+    finally:
+        table.close()
+    with psycopg.connect(db) as conn:
+        rows = {
+            phone: (node, since)
+            for phone, node, since in conn.execute(
+                "SELECT phone, node, connected_since FROM sessions"
+            ).fetchall()
+        }
+    assert len(rows) == 299
+    assert "013800000001" not in rows
+    assert rows["013800000002"] == ("node-a", later)
