@@ -183,27 +183,6 @@ class TerminalStore:
             raise write.error
         return write.rowcount
 
-    def register_sync(self, registration: Registration) -> int:
-        """Record a registration; returns the table 9 result code."""
-        params = dataclasses.asdict(registration)
-        if registration.policy == POLICY_REGISTRY:
-            updated = self._run(_UPDATE_PROVISIONED, params)
-            return REGISTER_OK if updated else REGISTER_TERMINAL_UNKNOWN
-        self._run(_UPSERT, params)
-        return REGISTER_OK
-
-    def authenticate_sync(
-        self, *, phone: str, auth_code: str, imei: str | None, firmware: str | None, at: datetime
-    ) -> bool:
-        params = {
-            "phone": phone,
-            "auth_code": auth_code,
-            "imei": imei,
-            "firmware": firmware,
-            "at": at,
-        }
-        return self._run(_AUTHENTICATE, params) == 1
-
     def lookup_sync(self, phone: str) -> TerminalRecord | None:
         with self._thread_lock:
             row = self._connection().cursor(row_factory=dict_row).execute(_LOOKUP, (phone,))
@@ -215,7 +194,8 @@ class TerminalStore:
         self._run(_PROVISION, (phone,))
 
     async def register(self, registration: Registration) -> int:
-        """:meth:`register_sync`, written together with the others waiting."""
+        """Record a registration; returns the table 9 result code.  Written together with
+        the other registrations and authentications waiting (see the module docstring)."""
         params = dataclasses.asdict(registration)
         if registration.policy == POLICY_REGISTRY:
             updated = await self._write(_UPDATE_PROVISIONED, params)
@@ -226,7 +206,8 @@ class TerminalStore:
     async def authenticate(
         self, *, phone: str, auth_code: str, imei: str | None, firmware: str | None, at: datetime
     ) -> bool:
-        """:meth:`authenticate_sync`, written together with the others waiting."""
+        """True if ``auth_code`` is the terminal's; records IMEI and firmware (2019).  Written
+        together with the other registrations and authentications waiting."""
         params = {
             "phone": phone,
             "auth_code": auth_code,
