@@ -102,6 +102,19 @@ class TextDecodeError(BodyDecodeError):
     kind = "text"
 
 
+class TextControlError(TextDecodeError):
+    """A text field holds a control character (C0 other than TAB, LF and CR, or DEL).
+
+    STRING fields are GBK text (JT/T 808-2019 4.2, table 1): names, plates, codes.  The NUL
+    padding on the right of a field (fixed-width fields, and the codes and names some devices
+    pad) is stripped before the check; a NUL or other control character left in the text is not
+    text, and no store of text takes it (PostgreSQL's ``text`` cannot hold NUL), so the frame
+    is refused with result 2.
+    """
+
+    kind = "text_control"
+
+
 class ReassemblyError(RemoteProtocolError):
     """A sub-package does not fit the series it claims to belong to."""
 

@@ -8,6 +8,7 @@ device sends is readable, and encode the same way: for GBK characters the bytes 
 from __future__ import annotations
 
 import functools
+import re
 from datetime import datetime, timedelta, timezone
 from typing import IO, Any
 
@@ -28,7 +29,7 @@ from construct import (
     this,
 )
 
-from protocol.errors import LocalProtocolError, TextDecodeError
+from protocol.errors import LocalProtocolError, TextControlError, TextDecodeError
 
 BYTE = Int8ub
 WORD = Int16ub
@@ -40,11 +41,51 @@ TEXT_ENCODING = "gb18030"
 GMT8 = timezone(timedelta(hours=8), "GMT+8")
 
 
-def decode_text(data: bytes) -> str:
+# C0 control characters other than TAB, LF and CR, and DEL.  STRING is GBK text (clause 4.2,
+# table 1): names, plates, codes and messages, where a line break is the only layout a device
+# may reasonably send.  NUL in particular cannot be stored as text (PostgreSQL refuses it).  In
+# GB 18030 these code points are single bytes (the trail bytes of multi-byte characters are
+# 0x30-0x39 and 0x40-0xFE but 0x7F), so the check on the decoded text finds exactly the
+# control bytes that were sent.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+# An error's detail shows at most this many bytes of the offending field (as hex): enough to
+# recognise the value in a log line, while a 1023-byte body cannot flood one.
+_DETAIL_BYTES = 32
+
+
+def _field_name(path: str | None) -> str:
+    """The field a construct ``path`` ("(parsing) -> items -> name") names, for messages."""
+    if not path:
+        return "text"
+    return path.removeprefix("(parsing)").removeprefix(" -> ") or "text"
+
+
+def _shown(data: bytes) -> str:
+    shown = data[:_DETAIL_BYTES].hex()
+    return shown if len(data) <= _DETAIL_BYTES else f"{shown}... ({len(data)} bytes)"
+
+
+def decode_text(data: bytes, *, field: str | None = None) -> str:
+    """``data`` as GBK text (decoded as GB 18030, its superset).
+
+    Raises :class:`TextDecodeError` for bytes that are not GB 18030 and its subclass
+    :class:`TextControlError` when the text holds a C0 control character other than TAB, LF
+    and CR, or DEL.  Callers strip the NUL padding of fixed-width fields first: a NUL left in
+    the text is refused like any other control character.  ``field`` names the field in the
+    error's detail; the detail shows at most the first 32 bytes.
+    """
     try:
-        return data.decode(TEXT_ENCODING)
+        text = data.decode(TEXT_ENCODING)
     except UnicodeDecodeError as exc:
-        raise TextDecodeError(f"not GBK text: {data.hex()}") from exc
+        raise TextDecodeError(f"{field or 'text'}: not GBK text: {_shown(data)}") from exc
+    control = _CONTROL.search(text)
+    if control is not None:
+        raise TextControlError(
+            f"{field or 'text'}: control character U+{ord(control.group()):04X} at character "
+            f"{control.start()} of {len(text)}: {_shown(data)}"
+        )
+    return text
 
 
 def encode_text(text: str) -> bytes:
@@ -140,24 +181,31 @@ BcdTime = _BcdTime()
 
 
 class _Text(Adapter):  # type: ignore[misc]
-    """GBK text over some byte construct; trailing NUL padding is dropped on decode."""
+    """GBK text over some byte construct; trailing NUL padding is dropped on decode.
+
+    Decoding raises :class:`TextControlError` for a control character left after the padding
+    is stripped (see :func:`decode_text`).
+    """
 
     def _decode(self, obj: bytes, context: Any, path: str) -> str:
-        return decode_text(obj.rstrip(b"\x00"))
+        return decode_text(obj.rstrip(b"\x00"), field=_field_name(path))
 
     def _encode(self, obj: str, context: Any, path: str) -> bytes:
         return encode_text(obj)
 
 
 class _FixedText(Adapter):  # type: ignore[misc]
-    """STRING of a fixed width, NUL padded on the right (2019 clause 4.2 note)."""
+    """STRING of a fixed width, NUL padded on the right (2019 clause 4.2 note).
+
+    Only the padding on the right is stripped; a control character before it is refused.
+    """
 
     def __init__(self, size: int) -> None:
         super().__init__(Bytes(size))
         self.size = size
 
     def _decode(self, obj: bytes, context: Any, path: str) -> str:
-        return decode_text(obj.rstrip(b"\x00"))
+        return decode_text(obj.rstrip(b"\x00"), field=_field_name(path))
 
     def _encode(self, obj: str, context: Any, path: str) -> bytes:
         data = encode_text(obj)
@@ -279,7 +327,7 @@ class _CappedText(Adapter):  # type: ignore[misc]
         self.limit = limit
 
     def _decode(self, obj: bytes, context: Any, path: str) -> str:
-        return decode_text(obj.rstrip(b"\x00"))
+        return decode_text(obj.rstrip(b"\x00"), field=_field_name(path))
 
     def _encode(self, obj: str, context: Any, path: str) -> bytes:
         data = encode_text(obj)

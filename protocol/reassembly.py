@@ -190,7 +190,9 @@ class ReassemblyLimits:
     # complete; anything more from one terminal evicts its stalest series.
     max_bytes_per_terminal: int = 8 * 1024 * 1024
     # The process' memory budget for reassembly: 32 worst-case uploads at once, or some 2500
-    # typical 100 KB photos.
+    # typical 100 KB photos.  That suits a process that does little else; one that must keep
+    # memory for thousands of connections passes a budget of its own (the ingest server sizes
+    # it per worker, with max_packages_total scaled to match).
     max_bytes_total: int = 256 * 1024 * 1024
     # Bounds the bookkeeping (one dict entry and one bytes object per package) and so the
     # number of series: the byte budget in full 1 KiB packages, so that a flood of tiny packages
@@ -678,13 +680,17 @@ class Reassembler:
     def _remove(self, series: _Series) -> None:
         ident = series.ident
         del self._series[ident]
-        terminal = self._terminals[series.key.phone]
+        phone = series.key.phone
+        terminal = self._terminals[phone]
         del terminal[ident]
-        if not terminal:
-            del self._terminals[series.key.phone]
-        remaining = self._terminal_bytes.pop(series.key.phone) - series.nbytes
-        if remaining:
-            self._terminal_bytes[series.key.phone] = remaining
+        # A terminal's byte count lives exactly as long as it has series: packages may be
+        # empty (clause 4.4.3 sets no minimum body, and add() takes a 0-byte package), so a
+        # count of zero does not mean that its last series is gone.
+        if terminal:
+            self._terminal_bytes[phone] -= series.nbytes
+        else:
+            del self._terminals[phone]
+            del self._terminal_bytes[phone]
         self._bytes -= series.nbytes
         self._packages -= len(series.parts)
 

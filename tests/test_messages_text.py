@@ -10,7 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import RemoteProtocolError, decode, encode
-from protocol.errors import BodyDecodeError, LocalProtocolError, TextDecodeError
+from protocol.errors import (
+    BodyDecodeError,
+    LocalProtocolError,
+    TextControlError,
+    TextDecodeError,
+)
 from protocol.header import Edition
 from protocol.messages import areas, text
 from protocol.messages.base import Message
@@ -118,7 +123,9 @@ def test_text_message_2019_has_a_type_byte() -> None:
     body = bytes.fromhex("0c02") + "你好".encode("gbk")
     message = TextMessage.decode(body, Edition.V2019)
     assert message == TextMessage(flag=0x0C, text_type=2, text="你好")
-    assert TextMessage.decode(body, Edition.V2013) == TextMessage(flag=0x0C, text="\x02你好")
+    # Read as 2013, the type byte 0x02 would start the text: a control character, refused.
+    with pytest.raises(TextControlError, match="U\\+0002 at character 0"):
+        TextMessage.decode(body, Edition.V2013)
 
 
 def test_text_message_rejects_bad_gbk_and_long_text() -> None:

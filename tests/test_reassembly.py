@@ -403,6 +403,26 @@ def test_discard_terminal() -> None:
     assert r.discard_terminal(PHONE) == []
 
 
+def test_empty_packages_of_several_series_leave_cleanly() -> None:
+    # Found by tests/fuzz (regressions/reassembly-empty-packages.bin): two series of one
+    # terminal holding only 0-byte packages; dropping the second raised KeyError because the
+    # terminal's byte count went away with the first.
+    r = Reassembler()
+    _add(r, first_serial=0, total=2, index=1, data=b"")
+    _add(r, first_serial=5, total=3, index=2, data=b"", msg_id=0x0801)
+    assert (r.terminal_series(PHONE), r.terminal_bytes(PHONE)) == (2, 0)
+    dropped = r.discard_terminal(PHONE)
+    assert len(dropped) == 2
+    assert (r.series_in_flight, r.packages_in_flight, r.bytes_in_flight) == (0, 0, 0)
+    assert (r.terminal_series(PHONE), r.terminal_bytes(PHONE)) == (0, 0)
+    # The same through the deadlines, with a non-empty series beside the empty one.
+    _add(r, first_serial=0, total=2, index=1, data=b"")
+    _add(r, first_serial=5, total=2, index=1, data=b"ab", msg_id=0x0801, now=1.0)
+    expired = [e for now in (31.0, 62.0, 93.0, 124.0, 200.0) for e in r.expire(now)]
+    assert sum(isinstance(e, Dropped) for e in expired) == 2
+    assert (r.series_in_flight, r.terminal_bytes(PHONE)) == (0, 0)
+
+
 # ------------------------------------------------------------------------------ caps
 
 

@@ -203,7 +203,9 @@ ParamValue = int | str | bytes
 def gbk_or_bytes(data: bytes) -> str | bytes:
     """GBK text when ``data`` is GBK that re-encodes to the same bytes, else ``data`` itself.
 
-    Nothing is stripped (NUL padding included), so the value always rebuilds byte for byte.
+    Nothing is stripped (NUL padding included), so the value always rebuilds byte for byte;
+    bytes holding a control character (NUL padding among them) are not text for
+    :func:`~protocol.fields.decode_text` and so stay bytes.
     """
     try:
         text = decode_text(data)
