@@ -167,13 +167,33 @@ def _fence_id(feature: Mapping[str, Any], props: Mapping[str, Any], default: int
     return default
 
 
+def _finite(value: Any) -> float | None:
+    """``value`` as a float if it is a finite JSON number, else None.  JSON integers are
+    unbounded (``10**400`` parses), so the conversion itself may overflow."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _number(props: Mapping[str, Any], key: str) -> float | None:
     value = props.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _ProblemError(f"properties.{key} must be a number, got {value!r}")
-    return float(value)
+    number = _finite(value)
+    if number is None:
+        raise _ProblemError(f"properties.{key} must be a number, got {_short(value)}")
+    return number
+
+
+def _short(value: Any) -> str:
+    text = (
+        repr(value) if not isinstance(value, int) or value.bit_length() < 200 else "a huge integer"
+    )
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _integer(props: Mapping[str, Any], key: str) -> int | None:
@@ -186,14 +206,12 @@ def _integer(props: Mapping[str, Any], key: str) -> int | None:
 
 
 def _position(value: Any) -> tuple[float, float]:
-    if (
-        not isinstance(value, Sequence)
-        or isinstance(value, str)
-        or len(value) < 2
-        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value[:2])
-    ):
-        raise _ProblemError(f"bad position {value!r}")
-    return (float(value[0]), float(value[1]))
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) < 2:
+        raise _ProblemError(f"bad position {_short(value)}")
+    lon, lat = _finite(value[0]), _finite(value[1])
+    if lon is None or lat is None:
+        raise _ProblemError(f"bad position {_short(value)}")
+    return (lon, lat)
 
 
 def _ring(value: Any) -> Ring:

@@ -7,8 +7,16 @@ Every server process is a *node* with an id (``ServerConfig.node_id``, default
   ``sessions`` table): a row when a terminal authenticates, removed when its connection closes;
   the node's stale rows (from a crash) are cleared when it starts and all its rows when it
   stops.  Writes go through one bounded queue, in order, off the connection tasks: a slow
-  database never holds up a terminal, and a row that cannot be queued is only logged (the rows
-  are advisory; a terminal on this node is always found locally first).
+  database never holds up a terminal (the rows are advisory; a terminal on this node is always
+  found locally first).
+* keeps those rows in step: when a change cannot be written (the database is down, or the
+  queue is full) the node's rows are *out of step*.  From then on no single change is written;
+  instead the node rewrites its whole set of rows in one transaction
+  (:meth:`~ingest.interfaces.SessionRecords.replace`) from a snapshot of its live sessions
+  taken just before the write, retrying with back-off (:data:`RESYNC_FIRST_S` doubling up to
+  :data:`RESYNC_MAX_S`) until the database takes it.  Changes queued before the snapshot are
+  in it and are discarded; changes made while the rewrite is in flight stay queued and are
+  written after it, so nothing is lost or applied out of order.
 * executes commands (:meth:`ClusterRouter.command`): locally when this node holds the terminal;
   otherwise it looks the terminal up in the table and sends the command to the node holding it
   over :class:`~ingest.interfaces.ClusterTransport` (PostgreSQL LISTEN/NOTIFY), which runs it
@@ -49,7 +57,7 @@ from ingest.commands import (
     message_from_json,
     parse_msg_id,
 )
-from ingest.interfaces import ClusterTransport, SessionChange, SessionRecords
+from ingest.interfaces import ClusterTransport, SessionChange, SessionRecords, SessionRow
 from ingest.metrics import Metrics
 from protocol.messages.base import Message
 
@@ -75,15 +83,21 @@ MAX_RELAYED_COMMANDS = 64
 MAX_WAITING_REPLIES = 64
 # Session rows waiting to be written.  A mass reconnect after a restart brings one row per
 # terminal within seconds; 2 x the default connection cap (an online and an offline row each)
-# keeps them all.  Rows beyond are dropped and logged (they are advisory).
+# keeps them all.  A row beyond puts the node's rows out of step (rewritten whole later).
 SESSION_QUEUE_ROWS = 40_000
 # Session rows written in one transaction.
 SESSION_BATCH_ROWS = 1_000
 # At start and stop the node's rows are cleared; a database that does not answer within this
 # time is left alone (rows of a dead node only make commands to its terminals fail "offline").
 CLEAR_TIMEOUT_S = 10.0
+# Rewriting the rows after they fell out of step: first retry after 1 s (a restarting
+# PostgreSQL or a dropped connection is usually back within seconds), doubling up to 30 s, so
+# that a long outage costs one failed connection attempt per node every 30 s.
+RESYNC_FIRST_S = 1.0
+RESYNC_MAX_S = 30.0
 
 LocalExecutor = Callable[[str, Message], Awaitable[dict[str, Any] | None]]
+Snapshot = Callable[[], list[SessionRow]]
 _Row = SessionChange
 
 
@@ -116,6 +130,12 @@ class ClusterRouter:
 
     ``execute_local(phone, message)`` runs a command on this node's own connection to the
     terminal and returns the JSON answer, or None when this node does not hold the terminal.
+
+    ``snapshot()`` lists this node's authenticated sessions as (phone, connected_since, peer),
+    the truth the rows are rewritten from when they fell out of step; it must agree with the
+    :meth:`online`/:meth:`offline` calls made so far (a session is in it from its
+    :meth:`online` call until its :meth:`offline` call).  None: the sessions as those calls
+    left them, which the router keeps itself.
     """
 
     def __init__(
@@ -127,6 +147,7 @@ class ClusterRouter:
         execute_local: LocalExecutor,
         relay_timeout_s: float,
         metrics: Metrics,
+        snapshot: Snapshot | None = None,
     ) -> None:
         self.node = node
         self.sessions = sessions
@@ -135,15 +156,29 @@ class ClusterRouter:
         self.relay_timeout_s = relay_timeout_s
         self.metrics = metrics
         self._rows_in, self._rows_out = trio.open_memory_channel[_Row](SESSION_QUEUE_ROWS)
+        # The sessions as online/offline left them (phone -> (connected_since, peer)), kept only
+        # when no snapshot is given; bounded like the connections, one entry per session.
+        self._mirror: dict[str, tuple[datetime, str]] | None = {} if snapshot is None else None
+        self._snapshot = snapshot if snapshot is not None else self._mirrored
+        # True from a lost change until a rewrite of all the rows succeeded.
+        self.out_of_step = False
+        self._losses = 0  # changes lost so far (a rewrite must start after the last one)
+        self._rewriting = False  # a rewrite's snapshot is taken and its write in flight
         self._inbox_in, self._inbox_out = trio.open_memory_channel[dict[str, Any]](INBOX_MESSAGES)
         self._waiting: dict[str, _Waiter] = {}
         self._relayed = trio.CapacityLimiter(MAX_RELAYED_COMMANDS)
         self.listening = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Clear this node's stale rows, listen for relayed commands, write session rows."""
+        """Clear this node's stale rows, listen for relayed commands, write session rows.
+
+        Starts even when the database does not answer: the stale rows are then removed by the
+        first rewrite once it does."""
+        cleared = False
         with trio.move_on_after(CLEAR_TIMEOUT_S):
-            await self.sessions.clear_node(self.node)
+            cleared = await self.sessions.clear_node(self.node)
+        if not cleared:
+            self._step_out("clearing the rows of an earlier life failed")
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.transport.listen, self.node, self._inbox_in)
@@ -159,22 +194,51 @@ class ClusterRouter:
     # -- session rows
 
     def online(self, phone: str, connected_since: datetime, peer: str) -> None:
+        """``phone`` authenticated on this node (queues its row; never blocks)."""
+        if self._mirror is not None:
+            self._mirror[phone] = (connected_since, peer)
         self._queue(("online", phone, connected_since, peer))
 
     def offline(self, phone: str, connected_since: datetime) -> None:
+        """The session of ``phone`` that began at ``connected_since`` ended (queues it)."""
+        if self._mirror is not None:
+            held = self._mirror.get(phone)
+            if held is not None and held[0] == connected_since:
+                del self._mirror[phone]
         self._queue(("offline", phone, connected_since, ""))
 
+    def _mirrored(self) -> list[SessionRow]:
+        assert self._mirror is not None
+        return [(phone, since, peer) for phone, (since, peer) in self._mirror.items()]
+
     def _queue(self, row: _Row) -> None:
+        if self.out_of_step and not self._rewriting:
+            # The next rewrite's snapshot is taken after this call and so covers the change.
+            return
         try:
             self._rows_in.send_nowait(row)
         except trio.WouldBlock:
             self.metrics.session_rows_dropped.inc()
-            logger.warning("phone=%s session row (%s) dropped: queue full", row[1], row[0])
+            self._step_out(f"phone={row[1]} session row ({row[0]}) dropped: queue full")
+
+    def _step_out(self, why: str) -> None:
+        if not self.out_of_step:
+            logger.warning("node %s session rows out of step (%s); rewriting them", self.node, why)
+        self.out_of_step = True
+        self._losses += 1
 
     async def _write_rows(self) -> None:
-        # What queued while the last rows were written goes in one write (in order).
-        async for first in self._rows_out:
-            rows = [first]
+        """Write queued changes in order, in batches; rewrite all rows when out of step.
+
+        Only a full queue or this task marks the rows out of step once it runs, and the queue
+        cannot fill while this task waits on it, so the wait never delays a rewrite.  (Changes
+        written just before a rewrite are harmless: the rewrite supersedes them.)"""
+        while True:
+            if self.out_of_step:
+                await self._resync()
+                continue
+            rows = [await self._rows_out.receive()]
+            # What queued while the last rows were written goes in one write (in order).
             while len(rows) < SESSION_BATCH_ROWS:
                 try:
                     rows.append(self._rows_out.receive_nowait())
@@ -182,6 +246,39 @@ class ClusterRouter:
                     break
             if not await self.sessions.record(self.node, rows):
                 self.metrics.session_rows_dropped.inc(len(rows))
+                self._step_out(f"writing {len(rows)} change(s) failed")
+
+    async def _resync(self) -> None:
+        """Rewrite this node's rows from a snapshot until the database takes it.
+
+        Each attempt discards the queued changes (the snapshot taken right after covers them).
+        Changes made while the write is in flight are queued and written after it, in order;
+        a change lost meanwhile (the queue filled up again) calls for another rewrite at once.
+        """
+        delay = RESYNC_FIRST_S
+        while True:
+            while True:
+                try:
+                    self._rows_out.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            losses = self._losses
+            rows = self._snapshot()
+            self._rewriting = True
+            try:
+                written = await self.sessions.replace(self.node, rows)
+            finally:
+                self._rewriting = False
+            if written:
+                self.metrics.session_rows_resyncs.inc()
+                logger.info("node %s rewrote its %s session row(s)", self.node, len(rows))
+                if self._losses == losses:
+                    self.out_of_step = False
+                    return
+                continue
+            logger.info("node %s session rows: rewrite failed, next in %s s", self.node, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, RESYNC_MAX_S)
 
     # -- commands
 

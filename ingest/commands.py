@@ -279,7 +279,12 @@ def command_class(msg_id: int) -> type[Message]:
 
 
 def message_from_json(msg_id: object, body: object) -> Message:
-    """Build a command from its JSON form (see the module docstring)."""
+    """Build a command from its JSON form (see the module docstring).
+
+    Recursion follows the message's declared field types, never the input's nesting: the
+    codec's records nest a few levels at most, and a value nested deeper than its field's
+    type is refused (:class:`BadCommandError`) at the first level that expects a scalar.
+    """
     cls = command_class(parse_msg_id(msg_id))
     if body is None:
         body = {}

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from protocol.codec import MAX_BODY
 from protocol.framing import MAX_ESCAPED_FRAME
 
 ENV_PREFIX = "JT808_"
@@ -66,6 +67,15 @@ class ServerConfig:
     registration: RegistrationPolicy = "open"
     # Refused messages and failed authentications a connection may cause before it is closed.
     max_failures: int = 5
+    # Authentication lock-outs (ingest.lockout), across the connections of a process.  A
+    # phone's own terminal fails only when misconfigured: 10 wrong codes within the window lock
+    # the phone's new logins out for auth_lockout_s (its live connection is untouched).  Many
+    # terminals share one address behind a carrier's NAT, so an address is locked only after
+    # ten times as many failures.  0 disables that lock.
+    auth_failures_per_phone: int = 10
+    auth_failures_per_address: int = 100
+    auth_failure_window_s: float = 300.0
+    auth_lockout_s: float = 300.0
 
     # -- timeouts
     # JT/T 808-2019 table 20, parameter 0x0001; 60 s is the usual factory setting.
@@ -108,6 +118,19 @@ class ServerConfig:
     # Requests before an incomplete series is given up: the terminal's own default retry
     # count (parameter 0x0003, commonly 3).
     reassembly_rounds: int = 3
+    # Package bytes of unfinished series one worker holds, all terminals together; beyond it
+    # new packages are refused (0x8001 result 1, sent again later) until series complete or
+    # time out.  A worker serves up to ~18 000 connections at a measured ~13-18 KB each
+    # (~250-320 MB), so 64 MiB is a fifth more at most, and still holds some 400 typical 0x0801
+    # photos (50-300 KB) in flight at once, or 16 terminals each at its own cap below.  (256
+    # MiB, the reassembler's own default, took a worker from 104 to 386 MB under a flood.)
+    reassembly_max_bytes: int = 64 * 1024 * 1024
+    # One terminal's share: past it its least recently fed series is evicted, and a series
+    # larger than this alone is dropped.  4 MiB holds the largest photos and short recordings
+    # a terminal sends (a typical JPEG is 50-300 KB) and 8192 packages of the 512-byte bodies
+    # some devices cut to; a full series of 8192 x 1023 bytes (8 MiB) cannot complete.  A
+    # sixteenth of the worker's budget, so one terminal's flood cannot take the rest.
+    reassembly_max_bytes_per_terminal: int = 4 * 1024 * 1024
 
     # -- downlink commands (clause 4.5.2 retransmission: T(n+1) = T(n) x (n+1))
     # T1, the wait for the answer to the first sending; the terminal's own default TCP response
@@ -164,9 +187,15 @@ def _validate(config: ServerConfig) -> list[str]:
     )
     problems.extend(
         f"{name} must not be negative"
-        for name in ("reassembly_rounds", "command_retries")
+        for name in (
+            "reassembly_rounds",
+            "command_retries",
+            "auth_failures_per_phone",
+            "auth_failures_per_address",
+        )
         if getattr(config, name) < 0
     )
+    problems.extend(_reassembly_problems(config))
     if config.node_id is not None and not config.node_id.strip():
         problems.append("node_id must not be blank")
     for name in (
@@ -177,6 +206,8 @@ def _validate(config: ServerConfig) -> list[str]:
         "dedup_window_s",
         "reassembly_timeout_s",
         "command_timeout_s",
+        "auth_failure_window_s",
+        "auth_lockout_s",
     ):
         value = getattr(config, name)
         if not (value > 0 and math.isfinite(value)):
@@ -196,6 +227,15 @@ def _validate(config: ServerConfig) -> list[str]:
     if config.registration not in typing.get_args(RegistrationPolicy):
         problems.append(f"registration must be one of {typing.get_args(RegistrationPolicy)}")
     return problems
+
+
+def _reassembly_problems(config: ServerConfig) -> list[str]:
+    per_terminal, total = config.reassembly_max_bytes_per_terminal, config.reassembly_max_bytes
+    if per_terminal < MAX_BODY:
+        return [f"reassembly_max_bytes_per_terminal must hold one package ({MAX_BODY} bytes)"]
+    if total < per_terminal:
+        return ["reassembly_max_bytes must be at least reassembly_max_bytes_per_terminal"]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------

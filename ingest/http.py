@@ -1,11 +1,17 @@
-"""The operator HTTP port: ``/metrics``, ``/healthz``, ``/terminals`` and commands.
+"""The operator HTTP port: ``/metrics``, ``/healthz``, ``/terminals``, commands, alerts and
+master data.
 
 A few endpoints on top of h11 (the HTTP/1.1 state machine; we parse nothing ourselves).
 One request per connection (``Connection: close``), which is all Prometheus scrapes and
 operators' curl need.
 
 * ``GET /metrics`` -- the Prometheus text exposition of the server's registry.
-* ``GET /healthz`` -- 200 ``{"status": "ok"}`` while the server accepts terminals, else 503.
+* ``GET /healthz`` -- the node's health as JSON: ``{"status": "ok" | "degraded" |
+  "unavailable", ...details}`` from the ``health`` callable given (for example
+  ``{"status": "degraded", "database": "unreachable", "spooling": true}``).  200 for ok and
+  degraded (the node still serves its terminals: an orchestrator must not restart it), 503
+  for unavailable.  Without ``health``, the older ``healthy`` flag: 200 ``{"status": "ok"}``
+  or 503 ``{"status": "unavailable"}``.
 * ``GET /terminals`` -- JSON list of this node's online sessions (phone, node, edition, peer,
   connected_since, last_seen), from the callable given.
 * ``POST /terminals/{phone}/commands`` -- body ``{"msg_id": "0x8201", "body": {...}}`` (see
@@ -23,7 +29,9 @@ operators' curl need.
   from closing an idle stream.  At most :data:`MAX_STREAMS` streams run at once (more are
   answered 503); a client that does not take an event within :data:`REQUEST_TIMEOUT_S` is
   disconnected (nothing is buffered for it beyond the socket's own buffer).  404 when the node
-  runs no alert feed.
+  runs no alert feed.  When the feed cannot answer (its database is down) a new stream is
+  answered 503 ``unavailable`` and an open one is ended cleanly (one log line); the client
+  resumes with Last-Event-ID, so nothing is lost and no stream holds a slot through an outage.
 * Master data (when the node has a :class:`~ingest.interfaces.MasterDataAdmin`, else 404):
   ``POST /vehicles`` (a JSON list of vehicle objects), ``POST /fences`` (a GeoJSON
   FeatureCollection) and ``POST /filings`` (one filing object or a list) answer 201 with
@@ -33,14 +41,42 @@ operators' curl need.
   JSON or shape is 400 ``{"error": "bad_request", "detail"}``; refused data is 400
   ``{"error": "invalid", "detail", "problems": [...]}`` listing every problem, and nothing is
   stored.  The object formats are :class:`~ingest.interfaces.MasterDataAdmin`'s.
+
+Any endpoint whose backing service cannot answer now
+(:class:`~ingest.interfaces.ServiceUnavailableError`) answers 503 ``{"error": "unavailable",
+"detail"}``.  Request bodies must be UTF-8 JSON (RFC 8259) nested at most
+:data:`MAX_JSON_DEPTH` deep, without NaN or infinite numbers; anything else is 400.
+
+Fault isolation
+    Each connection is one task, and one guard around its handling (:meth:`OperatorHttp._serve`)
+    contains every ``Exception`` raised while serving it: the traceback is logged once, the
+    request is answered 500 ``{"error": "internal"}`` if no response had begun (else the
+    connection is closed), ``jt808_contained_errors{where="http"}`` counts it, and the port goes
+    on serving.  A client that goes away or speaks broken HTTP is not an error of ours: it gets
+    a 4xx or its connection is closed.  Cancellation is never caught.
+
+Slow clients and slots
+    Reading a request head is cheap and bounded by time: a head must arrive within
+    :data:`HEAD_TIMEOUT_S` of the connection, and up to :data:`MAX_OPEN_CONNECTIONS`
+    connections may be open at once.  When that many are open, a new connection takes the
+    place of the one that has been reading its head longest, so trickling clients cannot shut
+    the port to a health probe.  Short requests (``/healthz``, ``/metrics``, ``/terminals``
+    and every error answer) are answered as soon as their head is read, without any slot;
+    only long-running requests take one: a command (:data:`MAX_COMMANDS`), an alert stream
+    (:data:`MAX_STREAMS`) or a master-data request (:data:`MAX_MASTERDATA_REQUESTS`), each
+    answered 503 ``busy`` when its slots are taken.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
 import json
 import logging
+import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import parse_qs
@@ -49,21 +85,44 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from ingest.commands import CommandBusyError, CommandError
-from ingest.interfaces import AlertFeed, AlertFilter, MasterDataAdmin, MasterDataRejected
+from ingest.commands import CommandError
+from ingest.interfaces import (
+    AlertFeed,
+    AlertFilter,
+    MasterDataAdmin,
+    MasterDataRejected,
+    ServiceUnavailableError,
+)
+from ingest.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-# A request is a GET line and a few headers; h11 refuses heads past this size.
+# A request is a GET line and a few headers; h11 refuses heads past this size (431).
 MAX_REQUEST_HEAD_BYTES = 16 * 1024
 RECV_BYTES = 4096
-# Operators and one or two scrapers: 32 concurrent requests is plenty, and bounds tasks.
-MAX_CONNECTIONS = 32
-# Commands wait for their terminal up to the whole retransmission schedule; at most half the
-# connections may do so, so that scrapes and health checks always find room.  More are
-# answered 503 "busy".
-MAX_COMMANDS = MAX_CONNECTIONS // 2
-# A slow client gets this long to send its request, and again to take the response (a
+# A request head is one packet from curl, Prometheus or an orchestrator's probe.  5 s outlasts
+# two retransmissions of a lost packet (TCP's first retransmission timeout is 1 s, then 2 s:
+# RFC 6298), and is all a client that trickles its head holds a connection for.
+HEAD_TIMEOUT_S = 5.0
+# Connections of this port at once, whatever they are doing.  File descriptors are shared with
+# the terminal port: ~18,000 terminal connections under a 20,000 descriptor limit leave ~2,000
+# for database connections, spool, media and capture files and this port; 512 keeps most of
+# that for the rest.  Each holds at most a head and a short body here (2 x 16 KiB): 16 MiB.
+MAX_OPEN_CONNECTIONS = 512
+# No short endpoint takes a body; one sent anyway is read (so that closing the connection does
+# not reset it before the client reads our answer) up to this, within the head's time.
+MAX_SHORT_BODY_BYTES = 16 * 1024
+# Commands wait for their terminal up to the whole retransmission schedule: 16 at once is a
+# few operators' worth; more are answered 503 "busy".
+MAX_COMMANDS = 16
+# Alert streams hold their connection for as long as the operator watches: a few operators'
+# ``alerts tail`` and a dashboard or two.  More are answered 503.
+MAX_STREAMS = 8
+# Master-data requests at once (more are answered 503 "busy"): writes serialise on the version
+# row anyway and the database adapter runs two at a time, and four bound the bodies held to
+# 64 MiB (see MAX_MASTERDATA_BODY_BYTES; their parsed form is several times that).
+MAX_MASTERDATA_REQUESTS = 4
+# A client gets this long to send a long request's body, and again to take the response (a
 # command's own wait for the terminal is bounded by its retransmission schedule).
 REQUEST_TIMEOUT_S = 10.0
 # A command body is a few fields; a 0x8108 firmware package or a long route given as JSON hex
@@ -71,12 +130,13 @@ REQUEST_TIMEOUT_S = 10.0
 MAX_REQUEST_BODY_BYTES = 1024 * 1024
 # Master data is posted in bulk: a fence set of 1,000 polygons of ~100 vertices is ~4 MB of
 # GeoJSON, and a year of a unit's filings a few MB.  16 MiB holds that with room and still
-# bounds what one request may make us hold (four such requests are 64 MiB).
+# bounds what one request may make us hold.
 MAX_MASTERDATA_BODY_BYTES = 16 * 1024 * 1024
-# Alert streams hold their connection for as long as the operator watches: a quarter of the
-# connections (a few operators' ``alerts tail`` and a dashboard or two), so that scrapes,
-# health checks and commands always find room.  More are answered 503.
-MAX_STREAMS = MAX_CONNECTIONS // 4
+# JSON nesting accepted in a body.  The deepest document an endpoint takes is a GeoJSON
+# MultiPolygon (collection, features, feature, geometry, coordinates, polygon, ring, point:
+# 8 levels); 64 is eight times that, and far inside Python's recursion limit (1,000 frames)
+# that the JSON decoder and the code walking the document spend a few of per level.
+MAX_JSON_DEPTH = 64
 # A comment line on an idle stream this often: common proxies close a response idle for 60 s
 # (nginx ``proxy_read_timeout``), and the client's read timeout can be a few of these.
 HEARTBEAT_S = 15.0
@@ -87,15 +147,61 @@ EVENT_STREAM = "text/event-stream"
 JSON = "application/json"
 _COMMANDS_PATH = re.compile(rb"/terminals/([^/]+)/commands")
 _MASTERDATA_PATHS = frozenset({b"/vehicles", b"/fences", b"/filings"})
+_STREAM_PATH = b"/alerts/stream"
+# An event id is an alert_events seq, a PostgreSQL bigint: 18 digits stay below 2**63.
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
 # Filing times without an offset are China time, as in the CSV import.
 CHINA = timezone(timedelta(hours=8))
+HEALTH_STATUSES = {"ok": 200, "degraded": 200, "unavailable": 503}
 
 # (phone, msg_id, body) -> JSON answer; raises CommandError subclasses.
 CommandRunner = Callable[[str, object, object], Awaitable[dict[str, Any]]]
 
+# The 500 answer when h11 cannot produce one (its state broken by the error being contained).
+_INTERNAL_BODY = b'{"error": "internal"}'
+_INTERNAL_RAW = (
+    b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_INTERNAL_BODY), _INTERNAL_BODY)
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Answer:
+    """A whole response: status, body, its type and, for 405, the methods allowed."""
+
+    status: int
+    body: bytes
+    content_type: str = JSON
+    allow: str | None = None
+
+
+class _Exchange:
+    """One connection: its stream, h11 state, the request once read, and whether a response
+    has begun (after which an error can only close the connection)."""
+
+    __slots__ = ("conn", "request", "started", "stream")
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
+        self.request: h11.Request | None = None
+        self.started = False
+
+    def describe(self) -> str:
+        if self.request is None:
+            return "a request"
+        method = self.request.method.decode("ascii", "replace")
+        return f"{method} {self.request.target[:200].decode('ascii', 'replace')}"
+
 
 class OperatorHttp:
-    """Serves the operator endpoints.  Start :meth:`run` with ``nursery.start``."""
+    """Serves the operator endpoints.  Start :meth:`run` with ``nursery.start``.
+
+    ``health`` (a dict with ``status`` ok/degraded/unavailable and details) is preferred to the
+    older ``healthy`` flag when both are given; with neither, ``/healthz`` answers ok while the
+    port serves.  ``metrics`` (optional) receives ``jt808_http_requests{status}`` for every
+    answer and ``jt808_contained_errors{where="http"}`` for every error contained.
+    """
 
     def __init__(
         self,
@@ -104,22 +210,35 @@ class OperatorHttp:
         port: int,
         registry: CollectorRegistry,
         terminals: Callable[[], list[dict[str, Any]]],
-        healthy: Callable[[], bool],
+        healthy: Callable[[], bool] | None = None,
+        health: Callable[[], Mapping[str, Any]] | None = None,
         command: CommandRunner | None = None,
         alerts: AlertFeed | None = None,
         masterdata: MasterDataAdmin | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.registry = registry
         self.terminals = terminals
         self.healthy = healthy
+        self.health = health
         self.command = command
         self.alerts = alerts
         self.masterdata = masterdata
-        self._stream_slots = trio.CapacityLimiter(MAX_STREAMS)
-        self._limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
+        self.metrics = metrics
+        self._open: set[_Exchange] = set()
+        # The connections still reading their head, oldest first (dicts keep insertion order):
+        # the ones a new connection may take the place of.
+        self._reading: dict[_Exchange, trio.CancelScope] = {}
         self._command_slots = trio.CapacityLimiter(MAX_COMMANDS)
+        self._stream_slots = trio.CapacityLimiter(MAX_STREAMS)
+        self._masterdata_slots = trio.CapacityLimiter(MAX_MASTERDATA_REQUESTS)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections of the port now (reading, being answered or streaming)."""
+        return len(self._open)
 
     async def run(
         self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED
@@ -132,115 +251,286 @@ class OperatorHttp:
             task_status.started(ports)
             await trio.serve_listeners(self._serve, listeners, handler_nursery=nursery)
 
+    # -- one connection
+
     async def _serve(self, stream: trio.SocketStream) -> None:
-        try:
-            self._limiter.acquire_on_behalf_of_nowait(stream)
-        except trio.WouldBlock:
+        exchange = _Exchange(stream)
+        if not self._admit():
             await trio.aclose_forcefully(stream)
             return
+        self._open.add(exchange)
         try:
-            await self._exchange(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
-            logger.debug("operator HTTP client dropped: %r", exc)
+            await self._handle(exchange)
+        except Exception as exc:  # noqa: BLE001 - the one guard of a request: see the module
+            await self._contain(exchange, exc)
         finally:
-            self._limiter.release_on_behalf_of(stream)
+            self._open.discard(exchange)
+            self._reading.pop(exchange, None)
             await trio.aclose_forcefully(stream)
 
-    async def _exchange(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
-        with trio.move_on_after(REQUEST_TIMEOUT_S) as scope:
-            received = await _read_request(conn, stream)
-        if scope.cancelled_caught or received is None:
-            return  # too slow, closed, or nothing usable
-        request, content = received
-        path = request.target.split(b"?", 1)[0]
-        if request.method == b"GET" and path == b"/alerts/stream" and self.alerts is not None:
-            await self._alert_stream(conn, stream, request, self.alerts)
-            return
-        if content is None:
-            status, content_type, body = 413, JSON, _json({"error": "request body too large"})
-        else:
-            status, content_type, body = await self._respond(request, content)
-        headers = [
-            ("content-type", content_type),
-            ("content-length", str(len(body))),
-            ("connection", "close"),
-        ]
-        response = h11.Response(status_code=status, headers=headers)
-        data = conn.send(response) or b""
-        if request.method != b"HEAD":
-            data += conn.send(h11.Data(data=body)) or b""
-        data += conn.send(h11.EndOfMessage()) or b""
-        with trio.move_on_after(REQUEST_TIMEOUT_S):
-            await stream.send_all(data)
+    def _admit(self) -> bool:
+        """Room for one more connection: at the cap, the one reading its head longest is
+        cancelled (it closes at once); False when every connection is past its head."""
+        if len(self._open) < MAX_OPEN_CONNECTIONS:
+            return True
+        if not self._reading:
+            logger.debug("operator HTTP: %s connections busy; refused one", len(self._open))
+            return False
+        oldest = next(iter(self._reading))
+        self._reading.pop(oldest).cancel()
+        logger.debug("operator HTTP: %s connections open; closed the slowest", len(self._open))
+        return True
 
-    async def _respond(self, request: h11.Request, content: bytes) -> tuple[int, str, bytes]:
-        path = request.target.split(b"?", 1)[0]
-        match = _COMMANDS_PATH.fullmatch(path)
-        if match is not None:
-            if request.method != b"POST":
-                return 405, JSON, _json({"error": "method not allowed", "allow": "POST"})
-            return await self._command(match.group(1).decode("ascii", "replace"), content)
+    async def _contain(self, exchange: _Exchange, exc: Exception) -> None:
+        """The guard's handling of an error raised while serving ``exchange``."""
+        if _peer_fault(exc):
+            logger.debug("operator HTTP client dropped: %r", exc)
+            return
+        logger.error(
+            "operator HTTP: %s failed (%s); the port goes on serving",
+            exchange.describe(),
+            "connection closed" if exchange.started else "answered 500",
+            exc_info=exc,
+        )
+        if self.metrics is not None:
+            self.metrics.contained_errors.labels("http").inc()
+        if exchange.started:
+            return
+        try:
+            data = _response(exchange, _Answer(500, _INTERNAL_BODY))
+        except h11.LocalProtocolError:
+            data = _INTERNAL_RAW
+        exchange.started = True
+        self._count(500)
+        with trio.move_on_after(REQUEST_TIMEOUT_S):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await exchange.stream.send_all(data)
+
+    async def _handle(self, exchange: _Exchange) -> None:
+        head = trio.CancelScope(deadline=trio.current_time() + HEAD_TIMEOUT_S)
+        self._reading[exchange] = head
+        request = None
+        with head:
+            request = await self._read_head(exchange)
+        self._reading.pop(exchange, None)
+        if request is None:
+            return  # closed, too slow, made room for another, or answered 4xx already
+        kind = self._kind(request)
+        if kind is None:
+            content = await self._read_body(exchange, MAX_SHORT_BODY_BYTES, head.deadline)
+            if content is not None:
+                await self._reply(exchange, self._short(request))
+            return
+        slots = {
+            "command": self._command_slots,
+            "stream": self._stream_slots,
+            "masterdata": self._masterdata_slots,
+        }[kind]
+        slot = object()
+        try:
+            slots.acquire_on_behalf_of_nowait(slot)
+        except trio.WouldBlock:
+            detail = f"{slots.total_tokens} {kind} requests are running on this port"
+            await self._reply(exchange, _error(503, "busy", detail))
+            return
+        try:
+            await self._long(exchange, request, kind)
+        finally:
+            slots.release_on_behalf_of(slot)
+
+    def _kind(self, request: h11.Request) -> str | None:
+        """Which slot a request needs: ``command``, ``stream``, ``masterdata``, or None for a
+        short one (answered at once, without a slot)."""
+        method, path = request.method, _path(request)
+        if self.command is not None and method == b"POST" and _COMMANDS_PATH.fullmatch(path):
+            return "command"
+        if self.alerts is not None and method == b"GET" and path == _STREAM_PATH:
+            return "stream"
+        if (
+            self.masterdata is not None
+            and method in (b"GET", b"HEAD", b"POST")
+            and path in _MASTERDATA_PATHS
+        ):
+            return "masterdata"
+        return None
+
+    # -- reading
+
+    async def _read_head(self, exchange: _Exchange) -> h11.Request | None:
+        """The request head; None if the client closed first or sent no HTTP (answered 4xx)."""
+        conn = exchange.conn
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                await self._reply(exchange, _protocol_error(exc))
+                return None
+            if event is h11.NEED_DATA:
+                conn.receive_data(await exchange.stream.receive_some(RECV_BYTES))
+            elif isinstance(event, h11.Request):
+                exchange.request = event
+                return event
+            else:
+                return None  # ConnectionClosed: it left without asking anything
+
+    async def _read_body(self, exchange: _Exchange, cap: int, deadline: float) -> bytes | None:
+        """The request's body by ``deadline``; None when the request was answered instead (413
+        past ``cap``, 400 for a malformed body) or the client was too slow (closed)."""
+        with trio.CancelScope(deadline=deadline) as scope:
+            try:
+                content = await _body(exchange, cap)
+            except h11.RemoteProtocolError as exc:
+                await self._reply(exchange, _protocol_error(exc))
+                return None
+        if scope.cancelled_caught:
+            logger.debug("operator HTTP: %s: body too slow; closed", exchange.describe())
+            return None
+        if content is None:
+            await self._reply(
+                exchange, _Answer(413, _json({"error": "request body too large", "max": cap}))
+            )
+        return content
+
+    # -- answering
+
+    async def _reply(self, exchange: _Exchange, answer: _Answer) -> None:
+        """Send a whole response (no body for HEAD) within the timeout."""
+        data = _response(exchange, answer)
+        exchange.started = True
+        self._count(answer.status)
+        with trio.move_on_after(REQUEST_TIMEOUT_S):
+            await exchange.stream.send_all(data)
+
+    def _count(self, status: int) -> None:
+        if self.metrics is not None:
+            self.metrics.http_requests.labels(str(status)).inc()
+
+    def _short(self, request: h11.Request) -> _Answer:
+        """The answer to a request that needs no slot (see :meth:`_kind`)."""
+        method, path = request.method, _path(request)
+        if _COMMANDS_PATH.fullmatch(path):
+            return _NOT_FOUND if self.command is None else _not_allowed("POST")
         if path in _MASTERDATA_PATHS:
-            return await self._masterdata(request, path, content)
-        if request.method not in (b"GET", b"HEAD"):
-            return 405, JSON, _json({"error": "method not allowed"})
+            return _NOT_FOUND if self.masterdata is None else _not_allowed("GET, HEAD, POST")
+        if path == _STREAM_PATH:
+            return _NOT_FOUND if self.alerts is None else _not_allowed("GET")
+        if method not in (b"GET", b"HEAD"):
+            return _not_allowed("GET, HEAD")
         if path == b"/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+            return _Answer(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
         if path == b"/healthz":
-            if self.healthy():
-                return 200, JSON, _json({"status": "ok"})
-            return 503, JSON, _json({"status": "unavailable"})
+            return self._health()
         if path == b"/terminals":
-            return 200, JSON, _json(self.terminals())
-        return 404, JSON, _json({"error": "not found"})
+            return _Answer(200, _json(self.terminals()))
+        return _NOT_FOUND
+
+    def _health(self) -> _Answer:
+        if self.health is not None:
+            report = dict(self.health())
+            status = report.get("status")
+            code = HEALTH_STATUSES.get(status) if isinstance(status, str) else None
+            if code is None:  # the callable's bug: contained, answered 500
+                known = ", ".join(HEALTH_STATUSES)
+                raise ValueError(f"health status {status!r} is not one of {known}")
+            return _Answer(code, _json(report))
+        if self.healthy is None or self.healthy():
+            return _Answer(200, _json({"status": "ok"}))
+        return _Answer(503, _json({"status": "unavailable"}))
+
+    # -- long-running requests
+
+    async def _long(self, exchange: _Exchange, request: h11.Request, kind: str) -> None:
+        if kind == "stream":
+            assert self.alerts is not None
+            await self._alert_stream(exchange, request, self.alerts)
+            return
+        path = _path(request)
+        cap = MAX_REQUEST_BODY_BYTES if kind == "command" else MAX_MASTERDATA_BODY_BYTES
+        content = await self._read_body(exchange, cap, trio.current_time() + REQUEST_TIMEOUT_S)
+        if content is None:
+            return
+        if kind == "command":
+            match = _COMMANDS_PATH.fullmatch(path)
+            assert match is not None
+            answer = await self._command(match.group(1).decode("ascii", "replace"), content)
+        else:
+            answer = await self._masterdata(request, path, content)
+        await self._reply(exchange, answer)
+
+    async def _command(self, phone: str, content: bytes) -> _Answer:
+        assert self.command is not None
+        try:
+            document = parse_json(content)
+        except ValueError as exc:
+            return _error(400, "bad_request", str(exc))
+        if not isinstance(document, dict):
+            return _error(400, "bad_request", 'expected {"msg_id": ..., "body": {...}}')
+        unknown = sorted(set(document) - {"msg_id", "body"})
+        if unknown or "msg_id" not in document:
+            detail = f"unknown key(s) {', '.join(unknown)}" if unknown else "msg_id is required"
+            return _error(400, "bad_request", detail)
+        try:
+            result = await self.command(phone, document["msg_id"], document.get("body"))
+        except CommandError as error:
+            return _Answer(error.status, _json(error.to_json()))
+        except ServiceUnavailableError as exc:
+            return _error(503, "unavailable", str(exc))
+        return _Answer(200, _json(result))
+
+    async def _masterdata(self, request: h11.Request, path: bytes, content: bytes) -> _Answer:
+        admin = self.masterdata
+        assert admin is not None
+        try:
+            if request.method in (b"GET", b"HEAD"):
+                try:
+                    since = _masterdata_query(request, path)
+                except ValueError as exc:
+                    return _error(400, "bad_request", str(exc))
+                return _Answer(200, _json(await _read_masterdata(admin, path, since)))
+            try:
+                document = _masterdata_document(path, parse_json(content))
+            except ValueError as exc:
+                return _error(400, "bad_request", str(exc))
+            if path == b"/fences":
+                ids = await admin.add_fences(document)
+            elif path == b"/filings":
+                ids = await admin.add_filings(document)
+            else:
+                ids = await admin.add_vehicles(document)
+        except MasterDataRejected as exc:
+            detail = f"{len(exc.problems)} problem(s), nothing stored"
+            body = {"error": "invalid", "detail": detail, "problems": list(exc.problems)}
+            return _Answer(400, _json(body))
+        except ServiceUnavailableError as exc:
+            return _error(503, "unavailable", str(exc))
+        return _Answer(201, _json({"ids": ids}))
 
     async def _alert_stream(
-        self, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request, feed: AlertFeed
+        self, exchange: _Exchange, request: h11.Request, feed: AlertFeed
     ) -> None:
         try:
             filters, after = _stream_params(request)
         except ValueError as exc:
-            await _send_whole(
-                conn, stream, 400, _json({"error": "bad_request", "detail": str(exc)})
-            )
-            return
-        slot = object()
-        try:
-            self._stream_slots.acquire_on_behalf_of_nowait(slot)
-        except trio.WouldBlock:
-            detail = f"{MAX_STREAMS} alert streams are open on this port"
-            await _send_whole(conn, stream, 503, _json({"error": "busy", "detail": detail}))
+            await self._reply(exchange, _error(400, "bad_request", str(exc)))
             return
         try:
-            await self._serve_stream(conn, stream, feed, filters, after)
-        finally:
-            self._stream_slots.release_on_behalf_of(slot)
-
-    async def _serve_stream(
-        self,
-        conn: h11.Connection,
-        stream: trio.SocketStream,
-        feed: AlertFeed,
-        filters: AlertFilter,
-        after: int | None,
-    ) -> None:
+            # Also the probe that the feed answers at all, before the 200 goes out.
+            head_seq = await feed.last_seq()
+        except ServiceUnavailableError as exc:
+            await self._reply(exchange, _error(503, "unavailable", str(exc)))
+            return
+        cursor = head_seq if after is None else after
         async with trio.open_nursery() as nursery:
             # The client says nothing after its request: end of input means it left, and its
             # stream slot is freed at once instead of at the next heartbeat.
-            nursery.start_soon(_until_closed, stream, nursery.cancel_scope)
-            await self._send_events(conn, stream, feed, filters, after)
+            nursery.start_soon(_until_closed, exchange.stream, nursery.cancel_scope)
+            await self._send_events(exchange, feed, filters, cursor)
             nursery.cancel_scope.cancel()
 
     async def _send_events(
-        self,
-        conn: h11.Connection,
-        stream: trio.SocketStream,
-        feed: AlertFeed,
-        filters: AlertFilter,
-        after: int | None,
+        self, exchange: _Exchange, feed: AlertFeed, filters: AlertFilter, cursor: int
     ) -> None:
-        cursor = await feed.last_seq() if after is None else after
+        conn, stream = exchange.conn, exchange.stream
         headers = [
             ("content-type", EVENT_STREAM),
             ("cache-control", "no-cache"),
@@ -249,147 +539,120 @@ class OperatorHttp:
         ]
         # No content-length: h11 sends the body chunked (or until close to an HTTP/1.0 client).
         head = conn.send(h11.Response(status_code=200, headers=headers)) or b""
+        exchange.started = True
+        self._count(200)
         if not await _send(stream, head + _chunk(conn, b": alert stream\n\n")):
             return
-        while True:
-            head_seq = await feed.last_seq()
-            events = await feed.events_after(cursor, STREAM_BATCH, filters)
-            if events:
-                body = b"".join(
-                    b"id: %d\ndata: %s\n\n" % (seq, _json(alert)) for seq, alert in events
-                )
-                if not await _send(stream, _chunk(conn, body)):
-                    return
-            if len(events) >= STREAM_BATCH:
-                cursor = events[-1][0]
-                continue
-            # Every event up to ``head_seq`` was seen: skip the ones the filters passed over,
-            # so they do not wake this stream again.  An event committed after ``head_seq``
-            # was read may have been sent too: never step back behind it (it would be sent
-            # twice).
-            cursor = max(cursor, head_seq, events[-1][0] if events else 0)
-            with trio.move_on_after(HEARTBEAT_S) as idle:
-                await feed.wait_for_new(cursor)
-            if idle.cancelled_caught and not await _send(stream, _chunk(conn, b": heartbeat\n\n")):
+        try:
+            await _stream_events(conn, stream, feed, filters, cursor)
+        except ServiceUnavailableError as exc:
+            # Ended rather than retried here: the client resumes with Last-Event-ID when the
+            # feed is back, and a stream does not hold its slot through an outage.
+            logger.warning("alert stream ended: %s", exc)
+            await _send(stream, conn.send(h11.EndOfMessage()) or b"")
+
+
+async def _stream_events(
+    conn: h11.Connection,
+    stream: trio.SocketStream,
+    feed: AlertFeed,
+    filters: AlertFilter,
+    cursor: int,
+) -> None:
+    """Send events after ``cursor`` as they come, until the client is too slow to take one
+    (returns) or the feed fails (raises)."""
+    while True:
+        head_seq = await feed.last_seq()
+        events = await feed.events_after(cursor, STREAM_BATCH, filters)
+        if events:
+            body = b"".join(b"id: %d\ndata: %s\n\n" % (seq, _json(alert)) for seq, alert in events)
+            if not await _send(stream, _chunk(conn, body)):
                 return
-
-    async def _masterdata(
-        self, request: h11.Request, path: bytes, content: bytes
-    ) -> tuple[int, str, bytes]:
-        admin = self.masterdata
-        if admin is None:
-            return 404, JSON, _json({"error": "not found"})
-        try:
-            if request.method in (b"GET", b"HEAD"):
-                return 200, JSON, _json(await _read_masterdata(admin, request, path))
-            if request.method != b"POST":
-                return 405, JSON, _json({"error": "method not allowed", "allow": "GET, POST"})
-            document = json.loads(content)
-            if path == b"/fences":
-                if not isinstance(document, dict):
-                    raise ValueError("expected a GeoJSON FeatureCollection object")  # noqa: TRY301
-                ids = await admin.add_fences(document)
-            else:
-                if isinstance(document, dict) and path == b"/filings":
-                    document = [document]
-                if not isinstance(document, list):
-                    what = "a filing object or a list" if path == b"/filings" else "a list"
-                    raise ValueError(f"expected {what} of objects")  # noqa: TRY301
-                add = admin.add_filings if path == b"/filings" else admin.add_vehicles
-                ids = await add(document)
-        except MasterDataRejected as exc:
-            detail = f"{len(exc.problems)} problem(s), nothing stored"
-            body = {"error": "invalid", "detail": detail, "problems": list(exc.problems)}
-            return 400, JSON, _json(body)
-        except UnicodeDecodeError as exc:
-            return 400, JSON, _json({"error": "bad_request", "detail": f"not JSON: {exc}"})
-        except json.JSONDecodeError as exc:
-            return 400, JSON, _json({"error": "bad_request", "detail": f"not JSON: {exc}"})
-        except ValueError as exc:
-            return 400, JSON, _json({"error": "bad_request", "detail": str(exc)})
-        return 201, JSON, _json({"ids": ids})
-
-    async def _command(self, phone: str, content: bytes) -> tuple[int, str, bytes]:
-        if self.command is None:
-            return 404, JSON, _json({"error": "not found"})
-        try:
-            document = json.loads(content)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return 400, JSON, _json({"error": "bad_request", "detail": f"not JSON: {exc}"})
-        if not isinstance(document, dict):
-            detail = 'expected {"msg_id": ..., "body": {...}}'
-            return 400, JSON, _json({"error": "bad_request", "detail": detail})
-        unknown = sorted(set(document) - {"msg_id", "body"})
-        if unknown or "msg_id" not in document:
-            detail = f"unknown key(s) {', '.join(unknown)}" if unknown else "msg_id is required"
-            return 400, JSON, _json({"error": "bad_request", "detail": detail})
-        slot = object()
-        try:
-            self._command_slots.acquire_on_behalf_of_nowait(slot)
-        except trio.WouldBlock:
-            busy = CommandBusyError(f"{MAX_COMMANDS} commands are running on this port")
-            return busy.status, JSON, _json(busy.to_json())
-        try:
-            result = await self.command(phone, document["msg_id"], document.get("body"))
-        except CommandError as error:
-            return error.status, JSON, _json(error.to_json())
-        finally:
-            self._command_slots.release_on_behalf_of(slot)
-        return 200, JSON, _json(result)
+        if len(events) >= STREAM_BATCH:
+            cursor = events[-1][0]
+            continue
+        # Every event up to ``head_seq`` was seen: skip the ones the filters passed over, so
+        # they do not wake this stream again.  An event committed after ``head_seq`` was read
+        # may have been sent too: never step back behind it (it would be sent twice).
+        cursor = max(cursor, head_seq, events[-1][0] if events else 0)
+        with trio.move_on_after(HEARTBEAT_S) as idle:
+            await feed.wait_for_new(cursor)
+        if idle.cancelled_caught and not await _send(stream, _chunk(conn, b": heartbeat\n\n")):
+            return
 
 
-async def _read_request(
-    conn: h11.Connection, stream: trio.SocketStream
-) -> tuple[h11.Request, bytes | None] | None:
-    """The request and its body (None if the body passes the cap); None if the client closed
-    or sent nothing usable."""
-    request: h11.Request | None = None
+# ---------------------------------------------------------------------------------------------
+# Request parts
+
+
+async def _body(exchange: _Exchange, cap: int) -> bytes | None:
+    """The body of the request just read (None past ``cap``); h11.RemoteProtocolError for a
+    malformed one.  The caller bounds the time."""
+    conn = exchange.conn
+    assert exchange.request is not None
+    for name, value in exchange.request.headers:
+        if name == b"content-length" and int(value) > cap:  # h11 checked it is digits
+            return None
     body = bytearray()
-    cap = MAX_REQUEST_BODY_BYTES
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             if conn.they_are_waiting_for_100_continue:  # curl asks before larger bodies
-                await stream.send_all(
-                    conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
-                )
-            conn.receive_data(await stream.receive_some(RECV_BYTES))
-        elif isinstance(event, h11.Request):
-            request = event
-            if request.target.split(b"?", 1)[0] in _MASTERDATA_PATHS:
-                cap = MAX_MASTERDATA_BODY_BYTES
-        elif isinstance(event, h11.Data) and request is not None:
+                continuing = h11.InformationalResponse(status_code=100, headers=[])
+                await exchange.stream.send_all(conn.send(continuing) or b"")
+            conn.receive_data(await exchange.stream.receive_some(RECV_BYTES))
+        elif isinstance(event, h11.Data):
             body += event.data
             if len(body) > cap:
-                return request, None
-        elif isinstance(event, h11.EndOfMessage) and request is not None:
-            return request, bytes(body)
-        else:
-            return None
+                return None
+        elif isinstance(event, h11.EndOfMessage):
+            return bytes(body)
+        else:  # pragma: no cover - h11 raises for a body cut short
+            raise h11.RemoteProtocolError(f"unexpected {event!r} in the request body")
 
 
-async def _read_masterdata(admin: MasterDataAdmin, request: h11.Request, path: bytes) -> Any:
-    """The answer to a GET of master data; ValueError for bad query parameters."""
+def _path(request: h11.Request) -> bytes:
+    return request.target.split(b"?", 1)[0]
+
+
+def _masterdata_query(request: h11.Request, path: bytes) -> datetime | None:
+    """``since`` of a master-data GET (None: not given); ValueError for bad parameters."""
     _, _, query = request.target.partition(b"?")
     params = parse_qs(query.decode("utf-8", "replace"), keep_blank_values=False)
     known = {"since"} if path == b"/filings" else set()
     unknown = sorted(set(params) - known)
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; known: {sorted(known)}")
+    if "since" not in params:
+        return None
+    text = params["since"][-1]
+    try:
+        since = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"since must be an ISO 8601 time, got {text[:60]!r}") from None
+    return since if since.tzinfo is not None else since.replace(tzinfo=CHINA)
+
+
+async def _read_masterdata(admin: MasterDataAdmin, path: bytes, since: datetime | None) -> Any:
     if path == b"/vehicles":
         return await admin.vehicles()
     if path == b"/fences":
         return await admin.fences()
-    since = None
-    if "since" in params:
-        text = params["since"][-1]
-        try:
-            since = datetime.fromisoformat(text)
-        except ValueError:
-            raise ValueError(f"since must be an ISO 8601 time, got {text!r}") from None
-        if since.tzinfo is None:
-            since = since.replace(tzinfo=CHINA)
     return await admin.filings(since)
+
+
+def _masterdata_document(path: bytes, document: Any) -> Any:
+    """The posted document in the shape its endpoint takes; ValueError otherwise."""
+    if path == b"/fences":
+        if not isinstance(document, dict):
+            raise ValueError("expected a GeoJSON FeatureCollection object")
+        return document
+    if isinstance(document, dict) and path == b"/filings":
+        document = [document]
+    if not isinstance(document, list):
+        what = "a filing object or a list" if path == b"/filings" else "a list"
+        raise ValueError(f"expected {what} of objects")  # noqa: TRY004 - answered 400
+    return document
 
 
 def _stream_params(request: h11.Request) -> tuple[AlertFilter, int | None]:
@@ -407,10 +670,131 @@ def _stream_params(request: h11.Request) -> tuple[AlertFilter, int | None]:
             after_text = value.decode("ascii", "replace").strip() or after_text
     after = None
     if after_text is not None:
-        if not after_text.isdigit():
-            raise ValueError(f"event id {after_text!r} is not a sequence number")
+        if not _EVENT_ID.fullmatch(after_text):
+            raise ValueError(f"event id {after_text[:40]!r} is not a sequence number")
         after = int(after_text)
     return AlertFilter(**one), after
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON bodies
+
+# A JSON string token: from a quote through escapes to the closing quote, or to the end of the
+# input when it has none.  Unambiguous, so matching is linear (possessive: no backtracking
+# state is kept, which makes escape-heavy input 20 times cheaper); applied left to right it
+# splits valid JSON exactly as a parser does (outside strings a quote always opens one).
+_STRING_TOKEN = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"?', re.DOTALL)
+# Opening brackets as +1, closing as -1 (as signed bytes); every other byte is dropped.
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+# Depth is tracked this many brackets at a time, so a deep document is refused after one
+# chunk rather than after a walk of all of it.
+_DEPTH_CHUNK = 64 * 1024
+
+
+def json_depth_exceeds(data: bytes, limit: int) -> bool:
+    """Whether the JSON text ``data`` (UTF-8) nests arrays and objects deeper than ``limit``.
+
+    Brackets inside strings do not count.  Exact for valid JSON; for invalid JSON it counts the
+    prefix a parser would read before failing the same way, so a text it passes cannot make a
+    parser nest deeper.  Linear time, in C loops.
+    """
+    steps = memoryview(_STRING_TOKEN.sub(b"", data).translate(_STEPS, _NOT_BRACKETS)).cast("b")
+    depth = 0
+    for start in range(0, len(steps), _DEPTH_CHUNK):
+        chunk = steps[start : start + _DEPTH_CHUNK]
+        if max(itertools.accumulate(chunk, initial=depth)) > limit:
+            return True
+        depth += sum(chunk)
+    return False
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(content: bytes) -> Any:
+    """The JSON document of a request body.
+
+    ValueError, its message fit for the answer's detail, for anything else: not UTF-8 (RFC
+    8259 8.1), not JSON, nested deeper than :data:`MAX_JSON_DEPTH` (refused before parsing, so
+    nesting cannot exhaust the stack), NaN or infinite numbers (JSON has none), an integer past
+    Python's digit limit.
+    """
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not JSON: the body is not UTF-8 ({exc})") from None
+    if json_depth_exceeds(content, MAX_JSON_DEPTH):
+        raise ValueError(f"not JSON we take: nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError:  # cannot happen below the depth cap; a backstop all the same
+        raise ValueError(f"not JSON we take: nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:  # JSONDecodeError, the digit limit, non-finite numbers
+        raise ValueError(f"not JSON: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Answers
+
+
+def _json(value: Any) -> bytes:
+    # backslashreplace: an unpaired surrogate (from a JSON "\ud800" echoed in a detail) cannot
+    # be UTF-8, and comes out as the JSON escape it came in as.
+    return json.dumps(value, ensure_ascii=False).encode("utf-8", "backslashreplace")
+
+
+def _error(status: int, kind: str, detail: str) -> _Answer:
+    return _Answer(status, _json({"error": kind, "detail": detail}))
+
+
+def _protocol_error(exc: h11.RemoteProtocolError) -> _Answer:
+    """The answer to a request h11 could not read: 400 or 431, or 501 for a transfer coding
+    other than chunked."""
+    status = exc.error_status_hint
+    return _error(status, "not_implemented" if status == 501 else "bad_request", str(exc))
+
+
+def _not_allowed(allow: str) -> _Answer:
+    return _Answer(405, _json({"error": "method not allowed", "allow": allow}), allow=allow)
+
+
+_NOT_FOUND = _Answer(404, _json({"error": "not found"}))
+
+
+def _response(exchange: _Exchange, answer: _Answer) -> bytes:
+    """The bytes of a whole response through h11 (no body for a HEAD request)."""
+    conn = exchange.conn
+    headers = [
+        ("content-type", answer.content_type),
+        ("content-length", str(len(answer.body))),
+        ("connection", "close"),
+    ]
+    if answer.allow is not None:
+        headers.append(("allow", answer.allow))
+    data = conn.send(h11.Response(status_code=answer.status, headers=headers)) or b""
+    request = exchange.request
+    if request is None or request.method != b"HEAD":
+        data += conn.send(h11.Data(data=answer.body)) or b""
+    return data + (conn.send(h11.EndOfMessage()) or b"")
+
+
+def _peer_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` (or every error of a group) is the client's doing: it went away, or
+    its HTTP broke where no answer could be sent."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_peer_fault(e) for e in exc.exceptions)
+    return isinstance(
+        exc, trio.BrokenResourceError | trio.ClosedResourceError | h11.RemoteProtocolError
+    )
 
 
 async def _until_closed(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
@@ -434,17 +818,3 @@ async def _send(stream: trio.SocketStream, data: bytes) -> bool:
         return True
     logger.info("alert stream client too slow: disconnected")
     return False
-
-
-async def _send_whole(
-    conn: h11.Connection, stream: trio.SocketStream, status: int, body: bytes
-) -> None:
-    headers = [("content-type", JSON), ("content-length", str(len(body))), ("connection", "close")]
-    data = conn.send(h11.Response(status_code=status, headers=headers)) or b""
-    data += conn.send(h11.Data(data=body)) or b""
-    data += conn.send(h11.EndOfMessage()) or b""
-    await _send(stream, data)
-
-
-def _json(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False).encode("utf-8")

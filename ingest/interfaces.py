@@ -40,6 +40,7 @@ from protocol.header import Edition, Header
 from protocol.messages.location import Location
 from protocol.messages.terminal import (
     REGISTER_OK,
+    REGISTER_TERMINAL_TAKEN,
     REGISTER_TERMINAL_UNKNOWN,
     TerminalRegister,
 )
@@ -202,15 +203,19 @@ class RegistrationRequest:
     auth_code: str
     policy: str
     at: datetime
+    peer: str = ""  # the connection's peer address, for the terminal's event log
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class RegistrationOutcome:
     """``result`` is a JT/T 808-2019 table 9 code (0 ok, 1 vehicle already registered,
-    2 vehicle not in database, 3 terminal already registered, 4 terminal not in database);
-    ``auth_code`` is the code to send back on success (normally the one proposed)."""
+    2 vehicle not in database, 3 terminal already registered, 4 terminal not in database), or
+    None when the registry cannot decide now (its database is unreachable): the 0x0100 is then
+    left unanswered and the terminal sends it again on its retransmission schedule, as for a
+    report whose storage failed.  ``auth_code`` is the code to send back on success (normally
+    the one proposed)."""
 
-    result: int
+    result: int | None
     auth_code: str | None = None
 
 
@@ -224,13 +229,25 @@ class AuthRequest:
     imei: str | None
     software_version: str | None
     at: datetime
+    peer: str = ""
 
 
 class TerminalRegistry(Protocol):
+    """Registrations and authentications (JT/T 808-2019 8.5-8.8).
+
+    Identity (article 18: changes of terminals go through the platform centre): a phone that
+    holds an auth code is registered to the terminal that obtained it; a 0x0100 for it from a
+    terminal with another manufacturer or terminal id is answered result 3 (terminal already
+    registered) until the platform releases the phone.  The same terminal registering again
+    (it lost its code) is answered with a new code.  Neither method raises for a broken
+    backing store: they answer "cannot decide now" (None) instead.
+    """
+
     async def register(self, request: RegistrationRequest) -> RegistrationOutcome: ...
 
-    async def authenticate(self, request: AuthRequest) -> bool:
-        """True if the code is the one issued to the terminal; records IMEI and firmware."""
+    async def authenticate(self, request: AuthRequest) -> bool | None:
+        """True if the code is the one issued to the terminal (records IMEI and firmware),
+        False if not, None if that cannot be decided now."""
         ...
 
     async def lookup(self, phone: str) -> TerminalInfo | None: ...
@@ -270,6 +287,12 @@ class InMemoryTerminalRegistry:
                 return RegistrationOutcome(result=REGISTER_TERMINAL_UNKNOWN)
             info = TerminalInfo(phone=request.phone, provisioned=False)
             self.terminals[request.phone] = info
+        elif request.policy != "open" and not info.provisioned:
+            return RegistrationOutcome(result=REGISTER_TERMINAL_UNKNOWN)
+        if info.auth_code is not None and not same_terminal(
+            info.terminal_id, request.message.terminal_id
+        ):
+            return RegistrationOutcome(result=REGISTER_TERMINAL_TAKEN)
         info.auth_code = request.auth_code
         info.plate = request.message.plate
         info.terminal_id = request.message.terminal_id
@@ -291,6 +314,22 @@ class InMemoryTerminalRegistry:
     async def lookup(self, phone: str) -> TerminalInfo | None:
         await trio.lowlevel.checkpoint()
         return self.terminals.get(phone)
+
+    def reset(self, phone: str) -> None:
+        """Release ``phone`` (the platform centre's ``jt808 terminals reset``)."""
+        info = self.terminals.get(phone)
+        if info is not None:
+            info.auth_code = None
+            info.terminal_id = None
+
+
+def same_terminal(registered: str | None, claimed: str | None) -> bool:
+    """Whether a 0x0100's terminal id proves it comes from the terminal that registered.
+
+    An empty id proves nothing (devices that send none must be released by the platform).
+    """
+    registered = (registered or "").strip()
+    return bool(registered) and registered == (claimed or "").strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,6 +450,8 @@ class InMemoryMediaSink:
 
 # ("online" | "offline", phone, connected_since, peer ("" for offline))
 SessionChange = tuple[str, str, datetime, str]
+# (phone, connected_since, peer): one online session of a node, as SessionRecords.replace takes it
+SessionRow = tuple[str, datetime, str]
 
 
 class SessionRecords(Protocol):
@@ -434,6 +475,15 @@ class SessionRecords(Protocol):
 
     async def record(self, node: str, changes: Sequence[SessionChange]) -> bool:
         """:meth:`online`/:meth:`offline` for each change, in order, written together."""
+        ...
+
+    async def replace(self, node: str, rows: Sequence[SessionRow]) -> bool:
+        """Make ``rows`` (phone, connected_since, peer) the whole set of ``node``'s rows, in one
+        transaction: the node's other rows are removed, each of ``rows`` is upserted (a phone
+        appears at most once).  A row another node wrote for one of these phones with a later
+        ``connected_since`` is left alone: that node took the terminal over and this node's
+        connection is the stale one, closed at its idle timeout.  Brings the table back in step
+        after writes of :meth:`record` were lost."""
         ...
 
     async def locate(self, phones: Sequence[str]) -> tuple[str, str] | None:
@@ -490,6 +540,17 @@ class InMemorySessionRecords:
         row = self.rows.get(phone)
         if row is not None and row[:2] == (node, connected_since):
             del self.rows[phone]
+        return True
+
+    async def replace(self, node: str, rows: Sequence[SessionRow]) -> bool:
+        await trio.lowlevel.checkpoint()
+        current = {phone: (since, peer) for phone, since, peer in rows}
+        for phone in [p for p, row in self.rows.items() if row[0] == node and p not in current]:
+            del self.rows[phone]
+        for phone, (since, peer) in current.items():
+            held = self.rows.get(phone)
+            if held is None or held[0] == node or held[1] <= since:
+                self.rows[phone] = (node, since, peer)
         return True
 
     async def locate(self, phones: Sequence[str]) -> tuple[str, str] | None:
@@ -561,6 +622,11 @@ class AlertFeed(Protocol):
 
     Each event is an alert record as JSON (the shape of ``alerts.Alert.to_json``) at one moment
     of its life; an alert that changes state appears again under a new ``seq``.
+
+    A method that cannot answer because the store behind the feed is down raises
+    :class:`ServiceUnavailableError` (the operator port answers a new stream 503 and ends an
+    open one, whose client resumes with Last-Event-ID); it never lets the store's own errors
+    out.
     """
 
     async def last_seq(self) -> int:
@@ -652,7 +718,10 @@ class MasterDataAdmin(Protocol):
 
     Writes are all-or-nothing: invalid input raises :class:`MasterDataRejected` listing every
     problem and stores nothing.  A write returns the stored ids in input order, once the
-    change is in effect for the rules of this node.  Formats (the keys of the CSV imports):
+    change is in effect for the rules of this node.  Any method raises
+    :class:`ServiceUnavailableError` when the store cannot answer now (a write cut off while it
+    committed may or may not have been stored; repeating it is safe, writes are upserts).
+    Formats (the keys of the CSV imports):
 
     * vehicle: ``{"plate", "phone" (digits or null), "unit", "category", "exempt" (bool),
       "max_speed_kmh" (optional)}``, matched by plate;
@@ -798,3 +867,13 @@ class InMemoryMasterDataAdmin:
             ),
             key=lambda f: int(f["id"]),
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Backing services
+
+
+class ServiceUnavailableError(Exception):
+    """A backing service cannot answer now (the database behind master data or the alert feed
+    is unreachable or restarting); the same request may succeed later.  Adapters raise it in
+    place of their store's own errors, and the operator port answers 503 ``unavailable``."""

@@ -157,6 +157,73 @@ class Metrics:
             "Online-session rows not written (queue full or database error)",
             registry=r,
         )
+        self.session_rows_resyncs = Counter(
+            "jt808_session_rows_resyncs",
+            "Times this node rewrote its online-session rows after they fell out of step",
+            registry=r,
+        )
+        # -- fault isolation and hostile input
+        self.contained_errors = Counter(
+            "jt808_contained_errors",
+            "Unexpected errors contained where they happened (connection closed, request "
+            "answered 500, service restarted), by where",
+            ["where"],  # connection | http | service
+            registry=r,
+        )
+        self.service_restarts = Counter(
+            "jt808_service_restarts",
+            "Background services restarted after an error, by service",
+            ["service"],
+            registry=r,
+        )
+        self.service_up = Gauge(
+            "jt808_service_up",
+            "1 while a background service runs, by service",
+            ["service"],
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "jt808_http_requests",
+            "Operator HTTP requests answered, by status code",
+            ["status"],
+            registry=r,
+        )
+        self.auth_locked = Counter(
+            "jt808_auth_locked",
+            "Authentication attempts refused unchecked during a lock-out, by what was locked",
+            ["scope"],  # phone | address
+            registry=r,
+        )
+        self.auth_lockouts = Counter(
+            "jt808_auth_lockouts",
+            "Lock-outs begun after repeated authentication failures, by what was locked",
+            ["scope"],
+            registry=r,
+        )
+        self.identity_refused = Counter(
+            "jt808_identity_refused",
+            "0x0100 refused with result 3: the phone is registered to another terminal",
+            registry=r,
+        )
+        self.logins_unanswered = Counter(
+            "jt808_logins_unanswered",
+            "Registrations and authentications left unanswered because the terminal store "
+            "could not decide (the terminal retries), by message",
+            ["msg"],  # register | authenticate
+            registry=r,
+        )
+        self.logins_from_cache = Counter(
+            "jt808_logins_from_cache",
+            "Authentications decided from the cached terminal table while the database was "
+            "unreachable",
+            registry=r,
+        )
+        self.log_suppressed = Counter(
+            "jt808_log_lines_suppressed",
+            "Log lines held back by the per-kind rate limit, by kind",
+            ["kind"],
+            registry=r,
+        )
 
     def count_frame(self, msg_id: int) -> None:
         """Count one decoded frame (per frame: the labelled child is looked up once per id;

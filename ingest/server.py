@@ -41,6 +41,7 @@ is documented in :mod:`ingest.capture`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -82,7 +83,10 @@ from ingest.interfaces import (
     SessionRecords,
     TerminalRegistry,
 )
+from ingest.lockout import AuthLockout, LockoutPolicy
+from ingest.memory import release_free_memory
 from ingest.metrics import Metrics
+from ingest.quiet import LogLimiter
 from ingest.session import (
     STORED_MSG_IDS,
     Action,
@@ -99,12 +103,14 @@ from ingest.session import (
     Store,
     StoreMedia,
 )
-from ingest.uploads import Uploads
+from ingest.supervise import supervise
+from ingest.uploads import Uploads, reassembly_limits
 from protocol.codec import Packet, StreamDecoder
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.messages.base import Fragment, Message
 from protocol.messages.control import TerminalRetransmitRequest
-from protocol.reassembly import Dropped, ReassemblyLimits, RetransmitRequest
+from protocol.messages.terminal import REGISTER_TERMINAL_TAKEN
+from protocol.reassembly import Dropped, RetransmitRequest
 
 logger = logging.getLogger(__name__)
 
@@ -186,15 +192,27 @@ class Server:
         self.dedup = DedupCache(
             window_s=config.dedup_window_s, max_entries=config.dedup_max_entries
         )
+        metrics = self.metrics
+        self.lockout = AuthLockout(
+            per_phone=LockoutPolicy(
+                failures=config.auth_failures_per_phone,
+                window_s=config.auth_failure_window_s,
+                lockout_s=config.auth_lockout_s,
+            ),
+            per_address=LockoutPolicy(
+                failures=config.auth_failures_per_address,
+                window_s=config.auth_failure_window_s,
+                lockout_s=config.auth_lockout_s,
+            ),
+            on_lockout=lambda scope: metrics.auth_lockouts.labels(scope).inc(),
+            on_refused=lambda scope: metrics.auth_locked.labels(scope).inc(),
+        )
+        self.quiet = LogLimiter()
         self.media: MediaSink = media if media is not None else InMemoryMediaSink()
         self.node_id = config.node_id or default_node_id()
-        self.uploads = Uploads(
-            ReassemblyLimits(
-                package_timeout_s=config.reassembly_timeout_s,
-                retransmit_timeout_s=config.reassembly_timeout_s,
-                max_retransmit_rounds=config.reassembly_rounds,
-            )
-        )
+        # Caps from the worker's memory budget (ServerConfig.reassembly_max_bytes*); the heap
+        # given up by dropped series is handed back to the OS (ingest.memory).
+        self.uploads = Uploads(reassembly_limits(config), release_memory=release_free_memory)
         self.command_schedule = retransmit_schedule(
             config.command_timeout_s, config.command_retries
         )
@@ -205,6 +223,7 @@ class Server:
             execute_local=self.execute_local,
             relay_timeout_s=sum(self.command_schedule) + RELAY_MARGIN_S,
             metrics=self.metrics,
+            snapshot=self._session_rows,
         )
         self.ports: list[int] = []
         self.accepting = False
@@ -237,8 +256,20 @@ class Server:
             listeners = await trio.open_tcp_listeners(config.port, host=config.host)
         self.ports = [listener.socket.getsockname()[1] for listener in listeners]
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.cluster.run)
-            nursery.start_soon(self._drive_uploads, nursery)
+            # Background services of the server restart after a failure (ingest.supervise);
+            # the connections' own failures are contained in _handle.
+            await nursery.start(
+                functools.partial(supervise, "cluster", self.cluster.run, metrics=self.metrics)
+            )
+            nursery.start_soon(
+                functools.partial(
+                    supervise,
+                    "uploads",
+                    functools.partial(self._drive_uploads, nursery),
+                    metrics=self.metrics,
+                )
+            )
+            nursery.start_soon(functools.partial(supervise, "log-summaries", self._summarise_logs))
             accept_scope = trio.CancelScope()
             nursery.start_soon(self._accept, listeners, nursery, accept_scope)
             self.accepting = True
@@ -283,7 +314,18 @@ class Server:
             healthy=lambda: self.accepting,
             command=self.command,
             alerts=self.alerts,
+            metrics=self.metrics,
         )
+
+    def _session_rows(self) -> list[tuple[str, datetime, str]]:
+        """This node's authenticated sessions (phone, connected_since, peer): the directory's
+        holders, kept in step with ``cluster.online`` (claim) and ``cluster.offline``
+        (``_handle``); the cluster rewrites the ``sessions`` rows from them after an outage."""
+        return [
+            (phone, c.connected_since, c.peer)
+            for c in self.directory.holders()
+            if (phone := c.session.phone) is not None
+        ]
 
     def terminals(self) -> list[dict[str, Any]]:
         """Online (authenticated) sessions of this node, for ``/terminals``."""
@@ -322,8 +364,14 @@ class Server:
         self._series_seen = series
         self._report_uploads()
 
-    async def _drive_uploads(self, nursery: trio.Nursery) -> None:
+    async def _drive_uploads(
+        self,
+        nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Sleep until the earliest series deadline (or a new series), then expire."""
+        task_status.started()
         while True:
             deadline = self.uploads.next_deadline()
             with trio.move_on_at(math.inf if deadline is None else deadline):
@@ -338,6 +386,22 @@ class Server:
             self._series_seen = self.uploads.series_in_flight
             self._report_uploads()
 
+    async def _summarise_logs(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Once a window, one line per (kind, address) that had lines held back."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.quiet.window_s)
+            for held in self.quiet.ended(trio.current_time()):
+                logger.warning(
+                    "%s more %r lines from %s in the last %.0f s (rate-limited)",
+                    f"{held.count:,}",
+                    held.kind,
+                    held.source,
+                    held.window_s,
+                )
+
     def _request_missing(self, request: RetransmitRequest, nursery: trio.Nursery) -> None:
         phone = request.key.phone
         connection = self.directory.get(phone)
@@ -351,7 +415,7 @@ class Server:
             return
         self.metrics.reassembly_requests.inc()
         actions = connection.session.upload_expired(request, self.uploads.media_id(request.key))
-        nursery.start_soon(connection.perform, actions)
+        nursery.start_soon(connection.perform_guarded, actions)
 
     def _given_up(self, dropped: Dropped) -> None:
         logger.warning(
@@ -403,6 +467,11 @@ class Server:
                 await connection.run()
         except* PEER_ERRORS as group:
             connection.close_reason = f"peer error: {group.exceptions[0]!r}"
+        except* Exception as group:  # noqa: BLE001 - contained: see Server.contain
+            # Fault isolation: whatever went wrong while handling this connection ends this
+            # connection only; every other terminal goes on.  (Cancelled is a BaseException
+            # and passes through.)
+            self.contain(connection, group)
         finally:
             self._connections.discard(connection)
             self._limiter.release_on_behalf_of(stream)
@@ -415,6 +484,13 @@ class Server:
             await connection.cleanup()
             if self._all_closed is not None and not self._connections:
                 self._all_closed.set()
+
+    def contain(self, connection: _Connection, error: BaseException) -> None:
+        """An unexpected error in ``connection``'s handling: log it, count it, close it."""
+        connection.close_reason = "internal error"
+        self.metrics.contained_errors.labels("connection").inc()
+        connection.log.error("internal error; closing this connection", exc_info=error)
+        connection.scope.cancel()
 
     def claim(self, connection: _Connection, phone: str) -> None:
         previous = self.directory.claim(phone, connection)
@@ -437,6 +513,7 @@ _REASON_LABELS = (
     "send timeout",
     "taken over",
     "shutdown",
+    "internal error",
 )
 
 
@@ -478,6 +555,7 @@ class _Connection:
         "metrics",
         "number",
         "peer",
+        "peer_host",
         "scope",
         "server",
         "session",
@@ -489,12 +567,14 @@ class _Connection:
         self.config = server.config
         self.stream = stream
         self.number = number
-        self.peer = _peer_name(stream)
+        self.peer_host, self.peer = _peer_names(stream)
         self.session = Session(
             policy=server.policy,
             dedup=server.dedup,
             new_auth_code=server.new_auth_code,
             uploads=server.uploads,
+            lockout=server.lockout,
+            peer_host=self.peer_host,
         )
         self.decoder = StreamDecoder(
             max_frame_bytes=self.config.max_frame_bytes,
@@ -766,6 +846,13 @@ class _Connection:
             await self._perform(actions)
             await self._write_replies()
 
+    async def perform_guarded(self, actions: Iterable[Action]) -> None:
+        """:meth:`perform` in a task of the server's: a failure closes this connection only."""
+        try:
+            await self.perform(actions)
+        except Exception as exc:  # noqa: BLE001 - contained: see Server.contain
+            self.server.contain(self, exc)
+
     async def _perform(self, actions: Iterable[Action]) -> None:
         """Perform ``actions``; replies and positions are only queued (see :meth:`_flush`)."""
         for action in actions:
@@ -778,13 +865,20 @@ class _Connection:
                 case Register():
                     await self._flush()  # replies before the wait on the database
                     outcome = await self.server.registry.register(action.request)
-                    self.metrics.registrations.labels(str(outcome.result)).inc()
+                    if outcome.result is None:
+                        self.metrics.logins_unanswered.labels("register").inc()
+                    else:
+                        self.metrics.registrations.labels(str(outcome.result)).inc()
+                        if outcome.result == REGISTER_TERMINAL_TAKEN:
+                            self.metrics.identity_refused.inc()
                     now = trio.current_time()
                     await self._perform(self.session.registration_done(action, outcome, now=now))
                 case Authenticate():
                     await self._flush()
                     ok = await self.server.registry.authenticate(action.request)
-                    if not ok:
+                    if ok is None:
+                        self.metrics.logins_unanswered.labels("authenticate").inc()
+                    elif not ok:
                         self.metrics.auth_failures.inc()
                     now = trio.current_time()
                     await self._perform(self.session.authentication_done(action, ok, now=now))
@@ -805,6 +899,12 @@ class _Connection:
                     self._stop_reading = True
                     self._drain_on_close = self._drain_on_close or action.drain
                 case Log():
+                    if action.kind is not None and action.level >= logging.WARNING:
+                        # Lines a peer can cause at will: a budget per kind and address.
+                        quiet = self.server.quiet
+                        if not quiet.allow(action.kind, self.peer_host, trio.current_time()):
+                            self.metrics.log_suppressed.labels(action.kind).inc()
+                            continue
                     self.log.log(action.level, action.message, *action.args)
         self._count_session()
 
@@ -962,12 +1062,13 @@ async def open_shared_listeners(port: int, *, host: str) -> list[trio.SocketList
     return listeners
 
 
-def _peer_name(stream: trio.SocketStream) -> str:
+def _peer_names(stream: trio.SocketStream) -> tuple[str, str]:
+    """The peer's host and its ``host:port`` (``[host]:port`` for IPv6)."""
     try:
         address = stream.socket.getpeername()
     except OSError:
-        return "?"
+        return "?", "?"
     if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address)
+        host, port = str(address[0]), address[1]
+        return host, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address), str(address)

@@ -74,6 +74,7 @@ from ingest.interfaces import (
     RegistrationOutcome,
     RegistrationRequest,
 )
+from ingest.lockout import AuthLockout
 from ingest.uploads import Uploads
 from protocol.codec import (
     MAX_BODY,
@@ -102,6 +103,7 @@ from protocol.messages.multimedia import (
 from protocol.messages.recorder import DriverIdentity
 from protocol.messages.terminal import (
     REGISTER_OK,
+    REGISTER_TERMINAL_TAKEN,
     Heartbeat,
     PlatformGeneralResponse,
     TerminalAuth,
@@ -128,6 +130,16 @@ STORED_MSG_IDS = frozenset({LocationReport.MSG_ID, LocationBatch.MSG_ID})
 PRE_AUTH_MSG_IDS = frozenset({MSG_REGISTER, MSG_AUTH, MSG_LOGOUT})
 
 SERIAL_MODULUS = 0x10000  # serials are WORDs (table 3)
+# Length caps of the identity fields a terminal sends before it is authenticated, checked
+# before anything reaches the registry.  The 2019 fixed-width fields (manufacturer 11, model
+# 30, terminal id 30, IMEI 15 bytes, table 8 and 10) are bounded by the codec; the 2011/2013
+# plate and auth code run to the end of the body.  A plate is at most 8 characters, a VIN 17
+# (plate colour 0); auth codes we issue are 16 characters and the 2019 length byte allows 255,
+# so 64 leaves room for codes provisioned by another platform; a firmware version is a short
+# string (2019 table 10 gives it a one-byte length).
+MAX_PLATE_CHARS = 32
+MAX_AUTH_CODE_CHARS = 64
+MAX_FIRMWARE_CHARS = 64
 # 0x8800 counts its retransmit ids in a BYTE (8.52).
 MAX_MEDIA_RETRANSMIT_IDS = 0xFF
 
@@ -196,9 +208,14 @@ class Close:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Log:
+    """A log line about this connection.  ``kind`` names lines an attacker can make as often
+    as they like (bad frames, refused messages, failed logins): the server rate-limits those
+    per kind and peer address (ingest.quiet) and counts what it held back."""
+
     level: int
     message: str
     args: tuple[object, ...] = ()
+    kind: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -314,9 +331,11 @@ class Session:
         "_header",
         "_in_flight",
         "_in_flight_keys",
+        "_lockout",
         "_new_auth_code",
         "_next_serial",
         "_next_ticket",
+        "_peer_host",
         "_prefix",
         "_prefix_key",
         "_uploads",
@@ -337,8 +356,14 @@ class Session:
         dedup: DedupCache,
         new_auth_code: Callable[[], str],
         uploads: Uploads | None = None,
+        lockout: AuthLockout | None = None,
+        peer_host: str = "",
     ) -> None:
         self.policy = policy
+        # Failed authentications are rate-limited per phone and per address, across the
+        # connections of a process (ingest.lockout); ``peer_host`` is this connection's address.
+        self._lockout = lockout
+        self._peer_host = peer_host
         self.state = SessionState.NEW
         self.phone: str | None = None
         self.edition: Edition | None = None
@@ -413,9 +438,11 @@ class Session:
         message = packet.message
         msg_id = packet.msg_id
         if isinstance(message, TerminalRegister):
+            if len(message.plate) > MAX_PLATE_CHARS:
+                return self._malformed(packet, "plate of %s characters", len(message.plate))
             return [self._register(packet, message, wall)]
         if isinstance(message, TerminalAuth):
-            return [self._authenticate(packet, message, wall)]
+            return self._authenticate(packet, message, now, wall)
         if isinstance(message, Heartbeat):
             return [self._reply(packet.header, packet.edition, RESULT_SUCCESS)]
         if isinstance(message, TerminalLogout):
@@ -460,7 +487,9 @@ class Session:
         if self.closed:
             return []
         header = error.header
-        log = Log(logging.WARNING, "bad frame (%s): %s", (error.kind, error.detail))
+        log = Log(
+            logging.WARNING, "bad frame (%s): %s", (error.kind, error.detail), kind=error.kind
+        )
         if header is None:
             return [log]
         self.last_seen = now
@@ -470,6 +499,17 @@ class Session:
         self, action: Register, outcome: RegistrationOutcome, *, now: float
     ) -> list[Action]:
         """The registry's answer to a :class:`Register` action."""
+        if outcome.result is None:
+            # The registry cannot decide now (its database is down): no answer, so the
+            # terminal sends the 0x0100 again on its own schedule (clause 4.5.2), as for a
+            # report whose storage failed.  Not the terminal's failure.
+            return [
+                Log(
+                    logging.WARNING,
+                    "registration not answered: the terminal registry is unavailable",
+                    kind="login_unanswered",
+                )
+            ]
         ok = outcome.result == REGISTER_OK
         response = TerminalRegisterResponse(
             reply_serial=action.header.serial,
@@ -482,14 +522,45 @@ class Session:
         if ok:
             self.state = SessionState.REGISTERED
             return [Log(logging.INFO, "registered (%s)", (action.request.policy,)), send]
+        if self._lockout is not None and outcome.result == REGISTER_TERMINAL_TAKEN:
+            # A phone registered to another terminal: a takeover attempt, or a terminal the
+            # platform has not released.  Counted against the address like a wrong code.
+            self._lockout.failure(phone=None, address=self._peer_host, now=now)
         return [send, *self._failure("registration refused, result %s", outcome.result)]
 
-    def authentication_done(self, action: Authenticate, ok: bool, *, now: float) -> list[Action]:
-        """The registry's answer to an :class:`Authenticate` action."""
+    def authentication_done(
+        self, action: Authenticate, ok: bool | None, *, now: float
+    ) -> list[Action]:
+        """The registry's answer to an :class:`Authenticate` action (None: it cannot decide
+        now; the 0x0102 is left unanswered and the terminal sends it again)."""
+        if ok is None:
+            return [
+                Log(
+                    logging.WARNING,
+                    "authentication not answered: the terminal registry is unavailable",
+                    kind="login_unanswered",
+                )
+            ]
+        notes: list[Action] = []
+        if self._lockout is not None:
+            if ok:
+                self._lockout.success(phone=action.request.phone)
+            else:
+                for scope in self._lockout.failure(
+                    phone=action.request.phone, address=self._peer_host, now=now
+                ):
+                    key = action.request.phone if scope == "phone" else self._peer_host
+                    notes.append(
+                        Log(
+                            logging.WARNING,
+                            "repeated authentication failures: %s %s locked out",
+                            (scope, key),
+                        )
+                    )
         result = RESULT_SUCCESS if ok else RESULT_FAILURE
         send = self._reply(action.header, action.edition, result)
         if self.closed:
-            return [send]
+            return [*notes, send]
         if ok:
             self.state = SessionState.AUTHENTICATED
             phone = action.header.phone
@@ -500,7 +571,7 @@ class Session:
             ]
         if self.state is SessionState.AUTHENTICATED:
             self.state = SessionState.NEW
-        return [send, *self._failure("authentication failed")]
+        return [*notes, send, *self._failure("authentication failed", kind="auth_failed")]
 
     def media_done(self, action: StoreMedia, stored: bool, *, now: float) -> list[Action]:
         """The media sink's answer to a :class:`StoreMedia`: 0x8800 (all received) if stored."""
@@ -681,10 +752,26 @@ class Session:
             auth_code=self._new_auth_code(),
             policy=self.policy.registration,
             at=wall,
+            peer=self._peer_host,
         )
         return Register(header=packet.header, edition=packet.edition, request=request)
 
-    def _authenticate(self, packet: Packet, message: TerminalAuth, wall: datetime) -> Authenticate:
+    def _authenticate(
+        self, packet: Packet, message: TerminalAuth, now: float, wall: datetime
+    ) -> list[Action]:
+        if len(message.auth_code) > MAX_AUTH_CODE_CHARS:
+            return self._malformed(packet, "auth code of %s characters", len(message.auth_code))
+        version = message.software_version
+        if version is not None and len(version) > MAX_FIRMWARE_CHARS:
+            return self._malformed(packet, "firmware version of %s characters", len(version))
+        if self._lockout is not None:
+            scope = self._lockout.locked(phone=packet.phone, address=self._peer_host, now=now)
+            if scope is not None:
+                # Refused unchecked: a locked-out phone or address costs no registry lookup,
+                # and the answer tells a guesser nothing.
+                reply = self._reply(packet.header, packet.edition, RESULT_FAILURE)
+                why = "authentication refused: %s locked out after repeated failures"
+                return [reply, *self._failure(why, scope, kind="auth_locked")]
         request = AuthRequest(
             phone=packet.phone,
             edition=packet.edition,
@@ -692,8 +779,14 @@ class Session:
             imei=message.imei,
             software_version=message.software_version,
             at=wall,
+            peer=self._peer_host,
         )
-        return Authenticate(header=packet.header, edition=packet.edition, request=request)
+        return [Authenticate(header=packet.header, edition=packet.edition, request=request)]
+
+    def _malformed(self, packet: Packet, why: str, *args: object) -> list[Action]:
+        """A message whose fields break a cap: 0x8001 result 2 (message error), a failure."""
+        reply = self._reply(packet.header, packet.edition, RESULT_MESSAGE_ERROR)
+        return [reply, *self._failure("0x%04x refused: " + why, packet.msg_id, *args)]
 
     def _store(
         self,
@@ -751,13 +844,18 @@ class Session:
     def _refuse(self, packet: Packet, why: str, *args: object) -> list[Action]:
         self.refused += 1
         reply = self._reply(packet.header, packet.edition, RESULT_FAILURE)
-        return [reply, *self._failure(why, *args)]
+        return [reply, *self._failure(why, *args, kind="refused")]
 
-    def _failure(self, why: str, *args: object) -> list[Action]:
+    def _failure(self, why: str, *args: object, kind: str = "refused") -> list[Action]:
         self.failures += 1
         limit = self.policy.max_failures
         actions: list[Action] = [
-            Log(logging.WARNING, why + " (failure %s of %s)", (*args, self.failures, limit))
+            Log(
+                logging.WARNING,
+                why + " (failure %s of %s)",
+                (*args, self.failures, limit),
+                kind=kind,
+            )
         ]
         if self.failures >= self.policy.max_failures:
             self.state = SessionState.CLOSED

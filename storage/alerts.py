@@ -29,7 +29,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
-from storage.errors import StorageError
+from storage.errors import StorageError, database_errors, is_unavailable
 
 __all__ = [
     "ALERT_CHANNEL",
@@ -140,6 +140,10 @@ class AlertRepository:
     (the engine's).  :meth:`wait_for_events` listens on a second connection of its own, so one
     thread may wait while another writes.  Connections are opened on first use and reopened
     after a failure; :meth:`close` closes both.
+
+    When the database cannot answer (unreachable, restarting, the connection cut mid-query)
+    every method raises :class:`~storage.errors.DatabaseUnavailableError`; the next call
+    tries a new connection.
     """
 
     def __init__(self, dsn: str, *, connect_timeout_s: int = 10) -> None:
@@ -169,7 +173,24 @@ class AlertRepository:
         return self._conn
 
     def _rows(self, query: str, params: Sequence[Any] | Mapping[str, Any]) -> list[TupleRow]:
-        return self._connection().execute(query, params).fetchall()
+        """A read.  A kept connection that died while idle (the server restarted, the network
+        dropped it) is only found out by using it: the read is tried once more on a new one,
+        so the first query after an outage does not fail for nothing (reads repeat safely)."""
+        with database_errors():
+            kept = self._conn is not None and not (self._conn.closed or self._conn.broken)
+            try:
+                return self._connection().execute(query, params).fetchall()
+            except psycopg.OperationalError as exc:
+                if not kept or not is_unavailable(exc):
+                    raise
+                logger.info("alert store connection lost (%s); reconnecting", type(exc).__name__)
+                self._drop()
+                return self._connection().execute(query, params).fetchall()
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     # -----------------------------------------------------------------------------------------
     # The engine's AlertStore, with dicts
@@ -181,6 +202,10 @@ class AlertRepository:
     def put(self, alert: Mapping[str, Any]) -> int:
         """Insert or replace the alert, append its event and NOTIFY; returns the event's seq."""
         params = _params(alert)
+        with database_errors():
+            return self._put(params)
+
+    def _put(self, params: Mapping[str, Any]) -> int:
         conn = self._connection()
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", _LOCK)
@@ -265,8 +290,11 @@ class AlertRepository:
         severity: str | None = None,
     ) -> list[tuple[int, dict[str, Any]]]:
         """Events with a number above ``seq`` matching the filters, oldest first, at most
-        ``limit`` (capped at :data:`MAX_EVENTS_PER_CALL`)."""
+        ``limit`` (capped at :data:`MAX_EVENTS_PER_CALL`).  A filter holding a NUL matches
+        nothing (PostgreSQL text cannot hold one, so no stored alert has it)."""
         limit = max(0, min(limit, MAX_EVENTS_PER_CALL))
+        if any(value is not None and "\x00" in value for value in (unit, rule, state, severity)):
+            return []
         rows = self._rows(
             "SELECT seq, alert FROM alert_events WHERE seq > %(seq)s "
             "AND (%(unit)s::text IS NULL OR alert->>'unit' = %(unit)s::text) "
@@ -296,7 +324,7 @@ class AlertRepository:
         True when there is one (possibly already before the call).  LISTENs on a connection of
         its own, started before looking at the log so no event can slip between the two.
         """
-        with self._listen_lock:
+        with self._listen_lock, database_errors():
             listen = self._listen
             if listen is None or listen.closed or listen.broken:
                 listen = psycopg.connect(

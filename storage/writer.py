@@ -189,9 +189,14 @@ class PositionWriter:
         spool: Spool | None = None,
         wall_clock: Callable[[], datetime] = _utcnow,
         store_factory: Callable[[], PgPositionStore] | None = None,
+        schema_ready: trio.Event | None = None,
     ) -> None:
         self.config = config or WriterConfig()
         self.spool = spool
+        # Set once the schema is current (storage.migrator); until then batches are spooled,
+        # as during an outage, and the recovery task waits for it.
+        self._schema_ready = schema_ready
+        self._went_down = False  # logged as an outage, as opposed to a start before the schema
         self._wall_clock = wall_clock
         self._store_factory = store_factory or functools.partial(
             PgPositionStore,
@@ -276,14 +281,17 @@ class PositionWriter:
         if self._running:
             raise StorageError("PositionWriter.run() is already running")
         self._running = True
-        metrics.DB_UP.set(1)
-        if self.spool is not None and not self.spool.is_empty():
+        gated = self._schema_ready is not None and not self._schema_ready.is_set()
+        self._db_up = not gated
+        metrics.DB_UP.set(0 if gated else 1)
+        if gated or (self.spool is not None and not self.spool.is_empty()):
             self._recover.set()
         try:
-            try:  # so the first batches already get their vehicle ids
-                await self._refresh_vehicles()
-            except (DatabaseUnavailableError, RowsRejectedError) as exc:
-                logger.warning("vehicle map not loaded at start: %s", exc)
+            if not gated:
+                try:  # so the first batches already get their vehicle ids
+                    await self._refresh_vehicles()
+                except (DatabaseUnavailableError, RowsRejectedError) as exc:
+                    logger.warning("vehicle map not loaded at start: %s", exc)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._batcher)
@@ -525,6 +533,7 @@ class PositionWriter:
                 store.abandon()
 
     def _mark_down(self, why: str) -> None:
+        self._went_down = True
         if self._db_up:
             logger.error(
                 "database unavailable (%s): batches go to the spool (%s) until it is back",
@@ -552,12 +561,17 @@ class PositionWriter:
 
     async def _recover_once(self) -> bool:
         """Bring the database back into use and empty the spool; False to retry later."""
+        if self._schema_ready is not None:
+            await self._schema_ready.wait()
         try:
             if not self._db_up:
                 await self._db_call("ping")
                 self._db_up = True
                 metrics.DB_UP.set(1)
-                logger.warning("database reachable again: writing batches to it")
+                if self._went_down:
+                    logger.warning("database reachable again: writing batches to it")
+                else:  # the schema was not ready at start; now it is
+                    logger.info("database ready: writing batches to it")
                 await self._refresh_vehicles()
             spool = self.spool
             if spool is None:

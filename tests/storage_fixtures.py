@@ -7,6 +7,8 @@
   tests are skipped, except with ``CI=true``, where they fail: CI must never pass by skipping.
 * ``pg_schema_dsn`` (function): a DSN whose ``search_path`` is a fresh scratch schema, dropped
   afterwards, so tests and colleagues sharing the server do not see each other's tables.
+* ``db`` (import ``migrated_db``): that schema, migrated; ``proxy`` (import ``db_proxy``): a
+  proxy in front of it that the test can cut and restore (a real outage).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from psycopg.conninfo import make_conninfo
 
 from storage.embedded import embedded_postgres
 from storage.errors import StorageError
+from tests.db_proxy import DatabaseProxy
 
 
 def _unavailable(reason: str) -> None:
@@ -79,3 +82,21 @@ def pg_schema_dsn(pg_dsn: str) -> Iterator[str]:
     finally:
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture(name="db")
+def migrated_db(pg_schema_dsn: str) -> str:
+    """A scratch schema with the current migrations applied (fixture name ``db``)."""
+    from storage import migrate  # noqa: PLC0415
+
+    with psycopg.connect(pg_schema_dsn, autocommit=True) as conn:
+        migrate(conn)
+    return pg_schema_dsn
+
+
+@pytest.fixture(name="proxy")
+def db_proxy(db: str) -> Iterator[DatabaseProxy]:
+    """A :class:`~tests.db_proxy.DatabaseProxy` in front of ``db`` (fixture name ``proxy``):
+    give the server ``proxy.dsn``, then ``cut()`` and ``restore()`` it."""
+    with DatabaseProxy.for_dsn(db) as proxy:
+        yield proxy

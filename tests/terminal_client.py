@@ -29,6 +29,21 @@ def location(serial: int, *, lat_e6: int = 25_040_000) -> LocationReport:
     )
 
 
+def registration(
+    *, terminal_id: str = "T1", plate: str = "云A12345", manufacturer: str = "ACME"
+) -> TerminalRegister:
+    """A 0x0100 of a terminal of ours; another ``terminal_id`` makes it another device."""
+    return TerminalRegister(
+        province=53,
+        city=100,
+        manufacturer=manufacturer,
+        model="M1",
+        terminal_id=terminal_id,
+        plate_color=1,
+        plate=plate,
+    )
+
+
 class Terminal:
     def __init__(self, stream: trio.SocketStream, phone: str, edition: Edition) -> None:
         self.stream = stream
@@ -68,17 +83,7 @@ class Terminal:
             self.decoder.feed(data)
 
     async def login(self) -> str:
-        await self.send(
-            TerminalRegister(
-                province=53,
-                city=100,
-                manufacturer="ACME",
-                model="M1",
-                terminal_id="T1",
-                plate_color=1,
-                plate="云A12345",
-            )
-        )
+        await self.send(registration())
         reply = await self.receive()
         code = getattr(reply.message, "auth_code", None)
         assert isinstance(code, str)

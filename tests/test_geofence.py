@@ -541,3 +541,22 @@ def test_concat_ranges(spans: list[tuple[int, int]]) -> None:
     count = np.array([s[1] for s in spans], dtype=np.int64)
     want = [i for b, c in spans for i in range(b, b + c)]
     assert concat_ranges(begin, count).tolist() == want
+
+
+@pytest.mark.parametrize(
+    ("properties", "coordinates"),
+    [
+        ({"name": "a", "kind": "parking", "radius_m": 10**400}, [102.7, 25.0]),
+        ({"name": "a", "kind": "parking", "radius_m": 500}, [10**400, 25.0]),
+        ({"name": "a", "kind": "parking", "radius_m": 500}, [102.7, float("nan")]),
+    ],
+)
+def test_numbers_past_a_float_are_a_problem_not_a_crash(
+    properties: dict[str, object], coordinates: list[object]
+) -> None:
+    # JSON integers are unbounded: converting 10**400 to a float overflows.
+    feature = {"type": "Feature", "properties": properties}
+    feature["geometry"] = {"type": "Point", "coordinates": coordinates}
+    with pytest.raises(GeoJSONError) as caught:
+        fences_from_geojson({"type": "FeatureCollection", "features": [feature]})
+    assert len(caught.value.problems) == 1

@@ -45,6 +45,8 @@ WIRING = {
     "tools/report_cmd.py",
     "tools/rules_service.py",
     "tools/rules_db.py",
+    "tools/terminal_registry.py",
+    "tools/terminals_cmd.py",
 }
 
 SOCKET_MODULES = {"socket", "socketserver", "asyncio", "selectors", "ssl"}

@@ -167,3 +167,42 @@ def test_upload_command_and_cluster_settings(tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError):
             ServerConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_reassembly_budget(tmp_path: Path) -> None:
+    defaults = ServerConfig()
+    assert defaults.reassembly_max_bytes == 64 * 1024 * 1024
+    assert defaults.reassembly_max_bytes_per_terminal == 4 * 1024 * 1024
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "reassembly_max_bytes = 33554432\nreassembly_max_bytes_per_terminal = 1048576\n",
+        encoding="utf-8",
+    )
+    config = load_config(None, {"JT808_CONFIG": str(path)})
+    assert (config.reassembly_max_bytes, config.reassembly_max_bytes_per_terminal) == (
+        32 * 1024 * 1024,
+        1024 * 1024,
+    )
+    config = load_config(
+        None, {"JT808_CONFIG": str(path), "JT808_REASSEMBLY_MAX_BYTES_PER_TERMINAL": "2097152"}
+    )
+    assert config.reassembly_max_bytes_per_terminal == 2 * 1024 * 1024
+    assert config.reassembly_max_bytes == 32 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"reassembly_max_bytes_per_terminal": "1000"}, "must hold one package"),
+        ({"reassembly_max_bytes_per_terminal": "0"}, "must hold one package"),
+        (
+            {"reassembly_max_bytes": "1048576", "reassembly_max_bytes_per_terminal": "2097152"},
+            "at least reassembly_max_bytes_per_terminal",
+        ),
+        ({"reassembly_max_bytes": "lots"}, "not an integer"),
+    ],
+)
+def test_bad_reassembly_budget(values: dict[str, str], message: str) -> None:
+    environ = {f"JT808_{name.upper()}": text for name, text in values.items()}
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, environ)

@@ -41,6 +41,7 @@ from protocol.messages.terminal import (
     TerminalRegisterResponse,
 )
 from storage import PositionWriter, Spool, TerminalStore, migrate
+from storage.terminal_cache import TerminalCodeCache
 from tests.storage_fixtures import pg_dsn, pg_schema_dsn  # noqa: F401
 from tools import replay_cmd
 from tools.replay import (
@@ -55,7 +56,8 @@ from tools.replay import (
     rewrite_auth,
     segments,
 )
-from tools.serve_cmd import DatabaseRegistry, WriterSink
+from tools.serve_cmd import WriterSink
+from tools.terminal_registry import DatabaseRegistry
 
 FIXTURES = Path(__file__).parent / "data" / "replay"
 WALL = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -257,7 +259,11 @@ class Platform:
         decoder = StreamDecoder()
         lock = trio.Lock()
         frames = 0
+        # Answers leave in arrival order, as a server's do (one task answering them in turn;
+        # a task per frame would let trio's scheduler reorder them).
+        answers_in, answers_out = trio.open_memory_channel[Packet](1024)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._answer_in_order, stream, lock, answers_out)
             try:
                 while data := await stream.receive_some(65536):
                     decoder.feed(bytes(data))
@@ -272,12 +278,21 @@ class Platform:
                             await stream.aclose()
                             return
                         if self.answer:
-                            nursery.start_soon(self._answer, stream, lock, event)
+                            answers_in.send_nowait(event)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:
                 self.closed.append(trio.current_time())
                 nursery.cancel_scope.cancel()
+
+    async def _answer_in_order(
+        self,
+        stream: trio.abc.Stream,
+        lock: trio.Lock,
+        packets: trio.MemoryReceiveChannel[Packet],
+    ) -> None:
+        async for packet in packets:
+            await self._answer(stream, lock, packet)
 
     async def _answer(self, stream: trio.abc.Stream, lock: trio.Lock, packet: Packet) -> None:
         header = packet.header
@@ -551,7 +566,7 @@ async def running_app(dsn: str, spool_dir: Path) -> AsyncIterator[int]:
     server = Server(
         ServerConfig(host="127.0.0.1", port=0, http_port=0),
         sink=WriterSink(writer),
-        registry=DatabaseRegistry(store),
+        registry=DatabaseRegistry(store, TerminalCodeCache()),
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)

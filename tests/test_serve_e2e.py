@@ -27,10 +27,12 @@ from protocol.messages.control import LocationQuery
 from protocol.messages.location import Location, LocationBatch, LocationQueryResponse
 from protocol.messages.multimedia import MultimediaData, MultimediaUploadResponse
 from storage import PositionWriter, Spool, TerminalStore, migrate
+from storage.terminal_cache import TerminalCodeCache
 from tests.storage_fixtures import pg_dsn, pg_schema_dsn  # noqa: F401
 from tests.terminal_client import Terminal, location
 from tools import cli
-from tools.serve_cmd import DatabaseRegistry, WriterSink
+from tools.serve_cmd import WriterSink
+from tools.terminal_registry import DatabaseRegistry
 
 pytestmark = pytest.mark.db
 
@@ -66,7 +68,9 @@ async def running_app(dsn: str, spool_dir: Path) -> AsyncIterator[int]:
     config = ServerConfig(host="127.0.0.1", port=0, http_port=0)
     writer = PositionWriter(dsn, spool=Spool(spool_dir))
     store = TerminalStore(dsn)
-    server = Server(config, sink=WriterSink(writer), registry=DatabaseRegistry(store))
+    server = Server(
+        config, sink=WriterSink(writer), registry=DatabaseRegistry(store, TerminalCodeCache())
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         ports = await nursery.start(server.run)

@@ -206,3 +206,33 @@ def test_migrations_render_for_both_backends() -> None:
     assert "timescaledb" not in aggregates.render(plain)
     for ctx in (ts, plain):  # the reporting views are shared
         assert "CREATE VIEW vehicle_latest_position" in aggregates.render(ctx)
+
+
+def test_processes_creating_partitions_at_once_take_turns(pg_schema_dsn: str) -> None:  # noqa: F811
+    """The workers of a node start together, each migrating and keeping partitions ahead:
+    none of them may fail on a partition another one just made."""
+    import threading  # noqa: PLC0415
+
+    with psycopg.connect(pg_schema_dsn, autocommit=True) as conn:
+        migrate(conn, now=NOW, days_ahead=0)
+    later = NOW + timedelta(days=10)
+    errors: list[BaseException] = []
+    created: list[list[str]] = []
+    start = threading.Barrier(4)
+
+    def keep_ahead() -> None:
+        try:
+            with psycopg.connect(pg_schema_dsn, autocommit=True) as conn:
+                start.wait()
+                created.append(ensure_partitions(conn, later, days_ahead=7))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=keep_ahead) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    names = [name for made in created for name in made]
+    assert len(names) == len(set(names)) == 9  # each of the 9 days made exactly once

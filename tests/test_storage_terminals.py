@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from storage import TerminalStore, migrate
+from storage.errors import DataRejectedError
 from storage.terminals import POLICY_OPEN, POLICY_REGISTRY, REGISTER_OK, Registration
 from tests.storage_fixtures import pg_dsn, pg_schema_dsn  # noqa: F401
 
@@ -87,7 +88,7 @@ async def test_a_failing_statement_fails_alone(db: str) -> None:
     async def register(item: Registration) -> None:
         try:
             results[item.phone] = await store.register(item)
-        except psycopg.Error as exc:
+        except DataRejectedError as exc:
             results[item.phone] = exc
 
     try:
@@ -97,7 +98,7 @@ async def test_a_failing_statement_fails_alone(db: str) -> None:
     finally:
         store.close()
     assert results[good.phone] == REGISTER_OK
-    assert isinstance(results[bad.phone], psycopg.Error)
+    assert isinstance(results[bad.phone], DataRejectedError)
 
 
 async def test_registry_policy_answers_unknown_terminals(db: str) -> None:

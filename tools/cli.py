@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "db": ("tools.db_cmd", "database administration: migrate"),
     "export": ("tools.export_cmd", "export stored positions as CSV"),
     "send": ("tools.send_cmd", "send a downlink command to a terminal through a node"),
+    "terminals": ("tools.terminals_cmd", "terminal registrations: show, provision, reset"),
     "vehicles": ("tools.vehicles_cmd", "vehicle registry: import CSV"),
     "fences": ("tools.fences_cmd", "geofences: import GeoJSON"),
     "filings": ("tools.filings_cmd", "trip filings and dispatch orders: import CSV"),

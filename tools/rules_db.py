@@ -13,6 +13,11 @@
   POSTed filing is in effect when the dispatch system gets its 201.
 * :class:`DatabaseTripStore` -- ``tools.rules_service.TripStore`` over
   ``storage.trips.TripRepository``.
+
+The two operator-port adapters raise only the ``ingest`` errors: ``MasterDataRejected`` for
+data the checks or the database refuse, ``ServiceUnavailableError`` when the database cannot
+answer now (``storage.errors.DatabaseUnavailableError``); the operator port answers 400 and
+503 for them.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import tomllib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import trio
@@ -33,8 +38,10 @@ from geofence import Fence
 from geofence.errors import GeoJSONError
 from geofence.geojson import fences_from_geojson, fences_to_geojson
 from ingest import AlertFilter, MasterDataRejected
+from ingest.interfaces import ServiceUnavailableError
 from storage import masterdata
 from storage.alerts import AlertRepository
+from storage.errors import DatabaseUnavailableError
 from storage.trips import TripRepository
 from tools.fences_cmd import explicit_id
 from tools.masterdata_cmd import (
@@ -56,6 +63,8 @@ FEED_POLL_S = 0.5
 # Master-data requests at once, each on a connection of its own: writes serialise on the
 # version row anyway (migration 5), and reads are small; two leave the pool for the rest.
 ADMIN_CONNECTIONS = 2
+
+_T = TypeVar("_T")
 
 
 def _utc_now() -> datetime:
@@ -85,15 +94,23 @@ class DatabaseMasterData:
 class DatabaseAlertFeed:
     """``ingest.AlertFeed`` over ``storage.alerts.AlertRepository`` (the ``alert_events`` log).
 
-    Queries run in worker threads, one at a time on the repository's connection.
+    Queries run in worker threads, one at a time on the repository's connection.  While the
+    database cannot answer, every method raises ``ServiceUnavailableError``; the first call
+    after it is back reconnects.
     """
 
     def __init__(self, dsn: str) -> None:
         self._repository = AlertRepository(dsn)
         self._limiter = trio.CapacityLimiter(1)
 
+    async def _query(self, query: Callable[[], _T]) -> _T:
+        try:
+            return await trio.to_thread.run_sync(query, limiter=self._limiter)
+        except DatabaseUnavailableError as exc:
+            raise ServiceUnavailableError(f"the alert log is unavailable: {exc}") from exc
+
     async def last_seq(self) -> int:
-        return await trio.to_thread.run_sync(self._repository.last_seq, limiter=self._limiter)
+        return await self._query(self._repository.last_seq)
 
     async def events_after(
         self, seq: int, limit: int, filters: AlertFilter
@@ -108,7 +125,7 @@ class DatabaseAlertFeed:
                 severity=filters.severity,
             )
 
-        return await trio.to_thread.run_sync(query, limiter=self._limiter)
+        return await self._query(query)
 
     async def wait_for_new(self, after_seq: int) -> None:
         # Spurious returns are allowed: the stream asks the log again after each one.
@@ -136,6 +153,8 @@ class DatabaseMasterDataAdmin:
     Each request opens a connection in a worker thread (at most :data:`ADMIN_CONNECTIONS` at
     once); writes are one transaction each (all or nothing).  ``after_write`` is awaited after
     every successful write (the rule service's ``reload``), so the answer means "in effect".
+    Values the database refuses are ``MasterDataRejected``; a database that cannot answer is
+    ``ServiceUnavailableError``.
     """
 
     def __init__(
@@ -152,13 +171,15 @@ class DatabaseMasterDataAdmin:
 
     async def _run(self, work: Callable[[psycopg.Connection[Any]], Any]) -> Any:
         def call() -> Any:
-            with psycopg.connect(self._dsn, autocommit=True) as conn:
-                try:
+            try:
+                with masterdata.connect(self._dsn) as conn:
                     return work(conn)
-                except masterdata.MasterDataError as exc:
-                    raise MasterDataRejected(exc.problems) from exc
-                except GeoJSONError as exc:
-                    raise MasterDataRejected(exc.problems) from exc
+            except masterdata.MasterDataError as exc:
+                raise MasterDataRejected(exc.problems) from exc
+            except GeoJSONError as exc:
+                raise MasterDataRejected(exc.problems) from exc
+            except DatabaseUnavailableError as exc:
+                raise ServiceUnavailableError(f"the database is unavailable: {exc}") from exc
 
         return await trio.to_thread.run_sync(call, limiter=self._limiter)
 

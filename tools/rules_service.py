@@ -325,6 +325,8 @@ class RuleService:
         self.batches = 0  # batches evaluated
         self.failures = 0  # evaluations that raised (logged, batch skipped)
         self.trip_failures = 0  # trip writes that raised (logged, trips not stored)
+        self.running = False
+        self.dropped = 0  # positions submitted while the service was not running
         self._drained = trio.Event()
         self._phones = _PhoneIndex(Registry(()))
         self._filings: dict[int, Filing] = {}  # what the engine holds, to apply changes only
@@ -334,33 +336,56 @@ class RuleService:
         )
 
     async def submit(self, records: Sequence[PositionRecord]) -> None:
-        """Queue a batch; waits while the queue is full.  Dropped if the service has stopped."""
+        """Queue a batch; waits while the queue is full.  Dropped (and counted) while the
+        service is not running -- before it started, or between a failure and its restart --
+        so that a failing rule engine never holds up storage and acknowledgements."""
+        if not self.running:
+            if not self.dropped:
+                logger.warning("rule service not running: positions are not evaluated")
+            self.dropped += len(records)
+            return
         try:
             await self._send.send(records)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             logger.debug("rule service stopped: %s position(s) not evaluated", len(records))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Load master data, then evaluate until cancelled; reports readiness once loaded."""
+        """Load master data, then evaluate until cancelled; reports readiness once loaded.
+
+        May be run again after it failed (the queue outlives a run)."""
         await trio.to_thread.run_sync(self._start, limiter=self._limiter)
-        async with self._receive, trio.open_nursery() as nursery:
-            nursery.start_soon(self._ticker)
-            nursery.start_soon(self._reloader)
-            task_status.started()
-            async for first in self._receive:
-                batches = [first]
-                while len(batches) < COALESCE_BATCHES:
-                    try:
-                        batches.append(self._receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):  # EndOfChannel: drained
-                        break
-                result = await trio.to_thread.run_sync(
-                    self._evaluate, batches, limiter=self._limiter
-                )
-                self._publish(result)
-            # drain() closed the queue and everything in it was evaluated.
-            self._drained.set()
-            nursery.cancel_scope.cancel()
+        try:
+            self.running = True
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._ticker)
+                nursery.start_soon(self._reloader)
+                task_status.started()
+                await self._consume()
+                # drain() closed the queue and everything in it was evaluated.
+                self._drained.set()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.running = False
+
+    async def run_after(
+        self, ready: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """:meth:`run` once ``ready`` is set (the schema is current); reports itself started
+        at once, so the server does not wait for its database to come up."""
+        task_status.started()
+        await ready.wait()
+        await self.run()
+
+    async def _consume(self) -> None:
+        async for first in self._receive:
+            batches = [first]
+            while len(batches) < COALESCE_BATCHES:
+                try:
+                    batches.append(self._receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):  # EndOfChannel: drained
+                    break
+            result = await trio.to_thread.run_sync(self._evaluate, batches, limiter=self._limiter)
+            self._publish(result)
 
     async def drain(self) -> None:
         """Stop taking batches (later ``submit`` calls drop theirs), evaluate the ones still

@@ -22,28 +22,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import logging
 import multiprocessing
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the heavy imports happen only when the command runs
     import trio
+    from prometheus_client import CollectorRegistry
 
     from ingest import (
         PositionRecord,
-        RegistrationOutcome,
-        RegistrationRequest,
         Server,
         ServerConfig,
     )
-    from ingest.interfaces import AuthRequest, MediaRecord, TerminalInfo
-    from storage import MediaStore, PositionWriter, TerminalStore
+    from ingest.interfaces import MediaRecord
+    from storage import MediaStore, PositionWriter, Spool
     from storage import writer as storage_writer
+    from storage.migrator import SchemaMigrator
     from tools.rules_db import DatabaseAlertFeed
     from tools.rules_service import RuleService
 
@@ -89,14 +90,27 @@ class WriterSink:
     def __init__(self, writer: PositionWriter) -> None:
         self._writer = writer
 
-    async def submit(self, records: Sequence[PositionRecord]) -> WriterCompletion:
-        from storage import position_row  # noqa: PLC0415
+    async def submit(self, records: Sequence[PositionRecord]) -> WriterCompletion | NotDurable:
+        from storage import WriterClosedError, position_row  # noqa: PLC0415
 
         rows = [
             position_row(r.header, r.location, r.received_at, batch_type=r.batch_type)
             for r in records
         ]
-        return WriterCompletion(await self._writer.submit(rows))
+        try:
+            return WriterCompletion(await self._writer.submit(rows))
+        except WriterClosedError as exc:
+            # The writer is restarting after a failure (it is supervised): these positions
+            # are not durable, so they are not acknowledged and the terminal sends them again.
+            logger.warning("%s position(s) not stored: %s", len(rows), exc)
+            return NotDurable()
+
+
+class NotDurable:
+    """A completion that is settled and not durable (no ack: the terminal retransmits)."""
+
+    async def wait(self) -> bool:
+        return False
 
 
 class MediaStoreSink:
@@ -127,62 +141,6 @@ class MediaStoreSink:
         return True
 
 
-class DatabaseRegistry:
-    """``ingest.TerminalRegistry`` over the ``terminals`` table: auth codes survive restarts."""
-
-    def __init__(self, store: TerminalStore) -> None:
-        self._store = store
-
-    async def register(self, request: RegistrationRequest) -> RegistrationOutcome:
-        from ingest import RegistrationOutcome  # noqa: PLC0415
-        from storage import Registration  # noqa: PLC0415
-
-        message = request.message
-        result = await self._store.register(
-            Registration(
-                phone=request.phone,
-                province=message.province,
-                city=message.city,
-                manufacturer=message.manufacturer,
-                model=message.model,
-                terminal_id=message.terminal_id,
-                plate_color=message.plate_color,
-                plate=message.plate,
-                auth_code=request.auth_code,
-                policy=request.policy,
-                at=request.at,
-            )
-        )
-        return RegistrationOutcome(
-            result=result, auth_code=request.auth_code if result == 0 else None
-        )
-
-    async def authenticate(self, request: AuthRequest) -> bool:
-        return await self._store.authenticate(
-            phone=request.phone,
-            auth_code=request.auth_code,
-            imei=request.imei,
-            firmware=request.software_version,
-            at=request.at,
-        )
-
-    async def lookup(self, phone: str) -> TerminalInfo | None:
-        from ingest.interfaces import TerminalInfo  # noqa: PLC0415
-
-        record = await self._store.lookup(phone)
-        if record is None:
-            return None
-        return TerminalInfo(
-            phone=record.phone,
-            provisioned=record.provisioned,
-            auth_code=record.auth_code,
-            plate=record.plate,
-            imei=record.imei,
-            software_version=record.firmware,
-            registered_at=record.registered_at,
-        )
-
-
 def run(args: argparse.Namespace) -> int:
     import trio  # noqa: PLC0415
 
@@ -204,8 +162,9 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     data_dir: Path = args.data_dir or config.data_dir
     try:
+        # No migration here: each process migrates in the background (storage.migrator), so a
+        # node starts and spools while its database is still down.
         with database_dsn(config.dsn, data_dir / "pgdata") as dsn:
-            _migrate(dsn)
             if config.workers == 1:
                 trio.run(serve, config, dsn, data_dir)
                 return EXIT_OK
@@ -274,21 +233,43 @@ def _worker_main(
     trio.run(serve, worker_config, dsn, data_dir)
 
 
-def _migrate(dsn: str) -> None:
-    import psycopg  # noqa: PLC0415
+@dataclasses.dataclass(frozen=True, slots=True)
+class Running:
+    """What :func:`serve` reports once it serves: the server (``shutdown()`` stops it
+    gracefully, as SIGTERM does) and the operator port(s)."""
 
-    from storage import migrate  # noqa: PLC0415
-
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        migrate(conn)
+    server: Server
+    http_ports: list[int]
 
 
-async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
-    """Run server, operator port and writer until SIGTERM/SIGINT, then stop in order."""
+async def serve(
+    config: ServerConfig,
+    dsn: str,
+    data_dir: Path,
+    *,
+    metrics_registry: CollectorRegistry | None = None,
+    handle_signals: bool = True,
+    tune_gc: bool = True,
+    task_status: trio.TaskStatus[Running] | None = None,
+) -> None:
+    """Run server, operator port and storage services until SIGTERM/SIGINT, then stop in order.
+
+    ``metrics_registry`` defaults to prometheus_client's global one (``/metrics`` then shows
+    the storage layer's metrics too); tests running several servers in one process give each
+    its own, and leave signals and the collector's settings to the test process
+    (``handle_signals``, ``tune_gc``).  ``task_status`` receives a :class:`Running` once the
+    node serves.
+
+    Every service runs supervised (:func:`ingest.supervise.supervise`): a failure after it
+    started restarts it with a back-off; only a deliberate shutdown ends the process.  The
+    schema is migrated in the background, so the node serves (and spools) while the database
+    is down and goes healthy by itself when it returns.
+    """
     import prometheus_client  # noqa: PLC0415
     import trio  # noqa: PLC0415
 
     from ingest import Metrics, PositionSink, Server  # noqa: PLC0415
+    from ingest.supervise import supervise  # noqa: PLC0415
     from storage import (  # noqa: PLC0415
         MediaStore,
         NotifyBus,
@@ -297,10 +278,23 @@ async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
         Spool,
         TerminalStore,
     )
+    from storage.migrator import SchemaMigrator  # noqa: PLC0415
+    from storage.terminal_cache import TerminalCodeCache  # noqa: PLC0415
+    from tools.terminal_registry import DatabaseRegistry  # noqa: PLC0415
 
-    spool = Spool(config.spool_dir or data_dir / "spool")
-    writer = PositionWriter(dsn, spool=spool)
+    # One registry for the whole process, so /metrics shows the server's and the storage
+    # layer's metrics (batch sizes, store latency, spool) together.
+    metrics = Metrics(prometheus_client.REGISTRY if metrics_registry is None else metrics_registry)
+    migrator = SchemaMigrator(dsn)
+    spool_dir = config.spool_dir or data_dir / "spool"
+    spool = Spool(spool_dir)
+    writer = PositionWriter(dsn, spool=spool, schema_ready=migrator.ready)
     store = TerminalStore(dsn)
+    # The auth codes this node knows, for logins while the database is down; kept beside the
+    # spool (one file per worker, readable by its owner only).
+    registry = DatabaseRegistry(
+        store, TerminalCodeCache(spool_dir / "terminals.cache"), metrics=metrics
+    )
     media = MediaStore(dsn, config.media_dir or data_dir / "media")
     sessions = SessionTable(dsn)
     bus = NotifyBus(dsn)
@@ -350,23 +344,22 @@ async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
         config,
         sink=sink,
         alerts=feed,
-        registry=DatabaseRegistry(store),
+        registry=registry,
         media=MediaStoreSink(media),
         sessions=sessions,
         transport=bus,
-        # One registry for the whole process, so /metrics shows the server's and the storage
-        # layer's metrics (batch sizes, store latency, spool) together.
-        metrics=Metrics(prometheus_client.REGISTRY),
+        metrics=metrics,
     )
-    # Everything built so far (modules, config, services) lives as long as the process: keep
-    # it out of the cyclic collector's scans of the objects that come and go per frame.
-    gc.freeze()
-    # Per frame the server allocates a few dozen short-lived container objects (header,
-    # message, records, actions), almost all freed by reference counting.  At the default
-    # threshold (700) that is a young collection every ~20 frames and, through the older
-    # generations, repeated scans of every connection's long-lived state; a larger first
-    # threshold keeps the collector's share of the CPU small at the same bounded memory.
-    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
+    if tune_gc:  # process-wide: the command does it, tests running servers in-process not
+        # Everything built so far (modules, config, services) lives as long as the process:
+        # keep it out of the cyclic collector's scans of the objects that come and go per frame.
+        gc.freeze()
+        # Per frame the server allocates a few dozen short-lived container objects (header,
+        # message, records, actions), almost all freed by reference counting.  At the default
+        # threshold (700) that is a young collection every ~20 frames and, through the older
+        # generations, repeated scans of every connection's long-lived state; a larger first
+        # threshold keeps the collector's share of the CPU small at the same bounded memory.
+        gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
     stopped = trio.Event()
 
     async def run_server(
@@ -375,15 +368,25 @@ async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
         await server.run(task_status=task_status)
         stopped.set()
 
+    def supervised(
+        name: str, run: Callable[..., Awaitable[object]]
+    ) -> Callable[..., Awaitable[None]]:
+        return functools.partial(supervise, name, run, metrics=metrics)
+
     try:
         async with trio.open_nursery() as services:
-            await services.start(writer.run)
+            await services.start(supervised("schema", migrator.run))
+            await services.start(supervised("writer", writer.run))
+            await services.start(supervised("terminal-cache", registry.run))
             if rules is not None:
-                await services.start(rules.run)
+                await services.start(
+                    supervised("rules", functools.partial(rules.run_after, migrator.ready))
+                )
             operator_http = server.operator_http()
             operator_http.masterdata = admin
-            await services.start(operator_http.run)
-            ports = await services.start(run_server)
+            operator_http.health = functools.partial(_health, server, migrator, writer, spool)
+            http_ports = await services.start(supervised("http", operator_http.run))
+            ports = await services.start(supervised("server", run_server))
             logger.info(
                 "node %s serving JT/T 808 on %s port(s) %s, operator HTTP on %s:%s, ack=%s",
                 server.node_id,
@@ -393,7 +396,10 @@ async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
                 config.http_port,
                 config.ack,
             )
-            services.start_soon(_stop_on_signal, server, services.cancel_scope)
+            if handle_signals:
+                services.start_soon(_stop_on_signal, server, services.cancel_scope)
+            if task_status is not None:
+                task_status.started(Running(server=server, http_ports=list(http_ports)))
             await stopped.wait()
             if rules is not None:
                 # No connection submits any more: evaluate what is still queued.
@@ -414,6 +420,24 @@ async def serve(config: ServerConfig, dsn: str, data_dir: Path) -> None:
         sessions.close()
         bus.close()
     logger.info("stopped")
+
+
+def _health(
+    server: Server, migrator: SchemaMigrator, writer: PositionWriter, spool: Spool
+) -> dict[str, object]:
+    """``/healthz``: ok, degraded (serving, but the database is not in use) or unavailable."""
+    if not server.accepting:
+        return {"status": "unavailable", "accepting": False}
+    report: dict[str, object] = {"status": "ok", "accepting": True}
+    if not migrator.ready.is_set():
+        report["schema"] = f"not checked: {migrator.last_error or 'database unreachable'}"
+    if not writer.db_up:
+        report["database"] = "unreachable"
+    if not spool.is_empty():
+        report["spooling"] = True
+    if len(report) > 2:
+        report["status"] = "degraded"
+    return report
 
 
 async def _stop_on_signal(server: Server, scope: trio.CancelScope) -> None:
