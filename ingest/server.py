@@ -41,6 +41,7 @@ is documented in :mod:`ingest.capture`.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import logging
@@ -109,7 +110,7 @@ from protocol.codec import Packet, StreamDecoder
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.messages.base import Fragment, Message
 from protocol.messages.control import TerminalRetransmitRequest
-from protocol.messages.terminal import REGISTER_TERMINAL_TAKEN
+from protocol.messages.terminal import REGISTER_OK, REGISTER_TERMINAL_TAKEN
 from protocol.reassembly import Dropped, RetransmitRequest
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,9 @@ def default_node_id() -> str:
     """``hostname:pid``: unique per server process, also among the workers of one host."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
+
+# Connection events are summed up at INFO this often (the per-connection lines are DEBUG).
+ACTIVITY_SUMMARY_S = 60.0
 
 # Commands waiting for one terminal's answers.  Terminals work through commands one at a time;
 # more than a few outstanding is an operator's script gone wrong, answered "busy".
@@ -208,6 +212,11 @@ class Server:
             on_refused=lambda scope: metrics.auth_locked.labels(scope).inc(),
         )
         self.quiet = LogLimiter()
+        # Connections, logins and closes since the last activity summary: with tens of
+        # thousands of terminals, a line per connection event would be most of the log, so
+        # those lines are DEBUG and INFO gets one summary a minute.  Keys: a fixed set plus
+        # the close reasons' metric labels, so the counter stays small.
+        self.activity: collections.Counter[str] = collections.Counter()
         self.media: MediaSink = media if media is not None else InMemoryMediaSink()
         self.node_id = config.node_id or default_node_id()
         # Caps from the worker's memory budget (ServerConfig.reassembly_max_bytes*); the heap
@@ -270,6 +279,9 @@ class Server:
                 )
             )
             nursery.start_soon(functools.partial(supervise, "log-summaries", self._summarise_logs))
+            nursery.start_soon(
+                functools.partial(supervise, "activity-summaries", self._summarise_activity)
+            )
             accept_scope = trio.CancelScope()
             nursery.start_soon(self._accept, listeners, nursery, accept_scope)
             self.accepting = True
@@ -402,6 +414,37 @@ class Server:
                     held.window_s,
                 )
 
+    async def _summarise_activity(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Once a minute, one INFO line of what the connections did (when they did anything)."""
+        task_status.started()
+        while True:
+            await trio.sleep(ACTIVITY_SUMMARY_S)
+            line = self.activity_summary()
+            if line is not None:
+                logger.info("%s", line)
+
+    def activity_summary(self) -> str | None:
+        """The activity since the last call as one line (None if there was none); resets it."""
+        counts, self.activity = self.activity, collections.Counter()
+        if not counts:
+            return None
+        parts = [
+            f"{counts[key]:,} {key}"
+            for key in ("connected", "registered", "authenticated", "taken over")
+            if counts[key]
+        ]
+        closed = {k.split(": ", 1)[1]: v for k, v in counts.items() if k.startswith("closed: ")}
+        if closed:
+            reasons = ", ".join(f"{reason} {n:,}" for reason, n in sorted(closed.items()))
+            parts.append(f"{sum(closed.values()):,} closed ({reasons})")
+        online = sum(1 for c in self._connections if c.session.authenticated)
+        return (
+            f"terminals in the last {ACTIVITY_SUMMARY_S:.0f} s: {'; '.join(parts)}; "
+            f"{online:,} online, {len(self._connections):,} connections open"
+        )
+
     def _request_missing(self, request: RetransmitRequest, nursery: trio.Nursery) -> None:
         phone = request.key.phone
         connection = self.directory.get(phone)
@@ -461,7 +504,8 @@ class Server:
         connection = _Connection(self, stream, next(self._numbers))
         self._connections.add(connection)
         self.metrics.connections.inc()
-        connection.log.info("connected from %s", connection.peer)
+        self.activity["connected"] += 1
+        connection.log.debug("connected from %s", connection.peer)
         try:
             with connection.scope:
                 await connection.run()
@@ -480,7 +524,8 @@ class Server:
                 self.directory.release(phone, connection)
                 self.cluster.offline(phone, connection.connected_since)
             self.metrics.connections_closed.labels(connection.close_reason_label).inc()
-            connection.log.info("closed: %s", connection.close_reason)
+            self.activity[f"closed: {connection.close_reason_label}"] += 1
+            connection.log.debug("closed: %s", connection.close_reason)
             await connection.cleanup()
             if self._all_closed is not None and not self._connections:
                 self._all_closed.set()
@@ -497,7 +542,8 @@ class Server:
         self.cluster.online(phone, connection.connected_since, connection.peer)
         if previous is not None:
             self.metrics.takeovers.inc()
-            connection.log.info(
+            self.activity["taken over"] += 1
+            connection.log.debug(
                 "takes over from connection %s (%s)", previous.number, previous.peer
             )
             previous.kick()
@@ -869,7 +915,9 @@ class _Connection:
                         self.metrics.logins_unanswered.labels("register").inc()
                     else:
                         self.metrics.registrations.labels(str(outcome.result)).inc()
-                        if outcome.result == REGISTER_TERMINAL_TAKEN:
+                        if outcome.result == REGISTER_OK:
+                            self.server.activity["registered"] += 1
+                        elif outcome.result == REGISTER_TERMINAL_TAKEN:
                             self.metrics.identity_refused.inc()
                     now = trio.current_time()
                     await self._perform(self.session.registration_done(action, outcome, now=now))
@@ -878,7 +926,9 @@ class _Connection:
                     ok = await self.server.registry.authenticate(action.request)
                     if ok is None:
                         self.metrics.logins_unanswered.labels("authenticate").inc()
-                    elif not ok:
+                    elif ok:
+                        self.server.activity["authenticated"] += 1
+                    else:
                         self.metrics.auth_failures.inc()
                     now = trio.current_time()
                     await self._perform(self.session.authentication_done(action, ok, now=now))

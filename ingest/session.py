@@ -521,7 +521,7 @@ class Session:
             return [send]
         if ok:
             self.state = SessionState.REGISTERED
-            return [Log(logging.INFO, "registered (%s)", (action.request.policy,)), send]
+            return [Log(logging.DEBUG, "registered (%s)", (action.request.policy,)), send]
         if self._lockout is not None and outcome.result == REGISTER_TERMINAL_TAKEN:
             # A phone registered to another terminal: a takeover attempt, or a terminal the
             # platform has not released.  Counted against the address like a wrong code.
@@ -566,7 +566,7 @@ class Session:
             phone = action.header.phone
             return [
                 Claim(phone=phone),
-                Log(logging.INFO, "authenticated (edition %s)", (int(action.edition),)),
+                Log(logging.DEBUG, "authenticated (edition %s)", (int(action.edition),)),
                 send,
             ]
         if self.state is SessionState.AUTHENTICATED:

@@ -185,3 +185,25 @@ async def test_a_nul_in_an_auth_code_is_a_message_error_and_reaches_no_registry(
             good = await h.terminal()
             await good.login()
             await steady(good, 2)
+
+
+async def test_connection_events_are_summed_up_not_logged_one_by_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with trio.fail_after(20), caplog.at_level(logging.INFO, logger="ingest.server"):
+        async with running() as h:
+            for n in range(5):
+                terminal = await h.terminal(f"01390000010{n}")
+                await terminal.login()
+                await terminal.aclose()
+            await wait_until(lambda: h.server.activity["closed: peer closed"] == 5)
+            stays = await h.terminal()
+            await stays.login()
+            info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+            assert not [line for line in info if "connected from" in line or "closed:" in line]
+            summary = h.server.activity_summary()
+            assert summary == (
+                "terminals in the last 60 s: 6 connected; 6 registered; 6 authenticated; "
+                "5 closed (peer closed 5); 1 online, 1 connections open"
+            )
+            assert h.server.activity_summary() is None  # reset: nothing since
