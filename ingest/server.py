@@ -42,6 +42,7 @@ is documented in :mod:`ingest.capture`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import itertools
 import logging
@@ -135,6 +136,10 @@ def default_node_id() -> str:
 
 # Connection events are summed up at INFO this often (the per-connection lines are DEBUG).
 ACTIVITY_SUMMARY_S = 60.0
+# The connections' timeouts (idle, authentication, send) are checked this often by one task,
+# instead of a deadline per read and per write: timeouts of tens of seconds may fire half a
+# second late, and a pass over 20,000 connections costs a few milliseconds.
+REAP_INTERVAL_S = 0.5
 
 # Commands waiting for one terminal's answers.  Terminals work through commands one at a time;
 # more than a few outstanding is an operator's script gone wrong, answered "busy".
@@ -282,6 +287,7 @@ class Server:
             nursery.start_soon(
                 functools.partial(supervise, "activity-summaries", self._summarise_activity)
             )
+            nursery.start_soon(functools.partial(supervise, "timeouts", self._reap))
             accept_scope = trio.CancelScope()
             nursery.start_soon(self._accept, listeners, nursery, accept_scope)
             self.accepting = True
@@ -413,6 +419,16 @@ class Server:
                     held.source,
                     held.window_s,
                 )
+
+    async def _reap(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Every :data:`REAP_INTERVAL_S`, close the connections whose timeouts passed (see
+        :meth:`_Connection.expire`)."""
+        task_status.started()
+        while True:
+            await trio.sleep(REAP_INTERVAL_S)
+            now = trio.current_time()
+            for connection in list(self._connections):
+                connection.expire(now)
 
     async def _summarise_activity(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -573,6 +589,7 @@ class _Connection:
     """
 
     __slots__ = (
+        "_backpressured",
         "_batch",
         "_batch_tickets",
         "_buffered_reported",
@@ -582,15 +599,17 @@ class _Connection:
         "_completions_in",
         "_counted",
         "_drain_on_close",
+        "_fd",
         "_in_flight_reported",
-        "_interruptible",
         "_last_activity",
         "_nursery",
         "_progress",
         "_read_at",
         "_read_wall",
         "_replies",
-        "_send_lock",
+        "_send_free",
+        "_send_since",
+        "_sending",
         "_stop_reading",
         "close_reason",
         "config",
@@ -612,6 +631,7 @@ class _Connection:
         self.server = server
         self.config = server.config
         self.stream = stream
+        self._fd = stream.socket.fileno()  # written to directly (see _send_wire)
         self.number = number
         self.peer_host, self.peer = _peer_names(stream)
         self.session = Session(
@@ -637,8 +657,12 @@ class _Connection:
         self._read_wall = self.connected_since
         self._stop_reading = False
         self._drain_on_close = False
-        self._interruptible: trio.CancelScope | None = None
-        self._send_lock = trio.Lock()
+        # Timeouts are enforced by the server's reaper (Server._reap), not by a cancel scope
+        # per read and per write: at one frame per read those were a tenth of a worker's CPU.
+        self._backpressured = False  # waiting for storage: the idle timeout does not run
+        self._sending = False  # one write at a time; others wait for _send_free
+        self._send_free: trio.Event | None = None
+        self._send_since: float | None = None  # when the write in progress began
         self._progress: trio.Event | None = None  # made by the first waiter
         self._nursery: trio.Nursery | None = None
         # (tickets, completion) in submission order: the reports of one read share a
@@ -663,6 +687,10 @@ class _Connection:
     @property
     def log(self) -> _TerminalLog:
         return _TerminalLog(self)
+
+    def is_closed(self) -> bool:
+        """Cleaned up (a method: mypy must not narrow it across awaits)."""
+        return self._closed
 
     def stopping(self) -> bool:
         """Reading has ended or is ending (a method: mypy must not narrow it across awaits)."""
@@ -696,8 +724,28 @@ class _Connection:
             self.close_reason = "shutdown"
         self._stop_reading = True
         self._drain_on_close = True
-        if self._interruptible is not None:
-            self._interruptible.cancel()
+        # End the read in progress without cancelling anything: the pending receive returns
+        # end-of-stream, and the acknowledgements can still be written.
+        with contextlib.suppress(OSError):
+            self.stream.socket.shutdown(socket.SHUT_RD)
+        if self._progress is not None:  # a reader waiting for storage (back-pressure)
+            self._progress.set()
+            self._progress = None
+
+    def expire(self, now: float) -> None:
+        """Close the connection if one of its timeouts passed (called by the server's reaper):
+        no complete frame for ``read_timeout_s`` (not counted while it waits for storage), not
+        authenticated ``auth_timeout_s`` after connecting, a write not done in
+        ``send_timeout_s``."""
+        since = self._send_since
+        if since is not None and now - since >= self.config.send_timeout_s:
+            self._abort("send timeout")
+            return
+        if self._stop_reading or self._backpressured:
+            return
+        deadline, reason = self._read_deadline()
+        if now >= deadline:
+            self._abort(reason)
 
     # -- tasks
 
@@ -714,19 +762,38 @@ class _Connection:
                         await self._progress_event().wait()
             nursery.cancel_scope.cancel()
 
+    async def _receive(self) -> bytes:
+        """The next bytes from the terminal (b"" at its end of stream).
+
+        Straight from the non-blocking descriptor: one trip through the scheduler while
+        waiting for data, where ``SocketStream.receive_some`` takes two.  A read that finds
+        data at once still yields, so that a peer sending without pause cannot starve the
+        other connections.
+        """
+        try:
+            data = os.read(self._fd, RECV_CHUNK_BYTES)
+        except BlockingIOError:
+            pass
+        except OSError as exc:  # reset by the peer
+            raise trio.BrokenResourceError(f"receive failed: {exc!r}") from exc
+        else:
+            await trio.lowlevel.checkpoint()
+            return data
+        while True:
+            await trio.lowlevel.wait_readable(self.stream.socket)
+            try:
+                return os.read(self._fd, RECV_CHUNK_BYTES)
+            except BlockingIOError:
+                continue  # woken without data after all
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"receive failed: {exc!r}") from exc
+
     async def _read(self) -> None:
         while not self.stopping():
-            deadline, reason = self._read_deadline()
-            with trio.CancelScope(deadline=deadline) as scope:
-                self._interruptible = scope
-                data = await self.stream.receive_some(RECV_CHUNK_BYTES)
-            self._interruptible = None
-            if scope.cancelled_caught:
-                if not self._stop_reading:
-                    self.close_reason = reason
-                return
+            data = await self._receive()
             if not data:
-                self.close_reason = "peer closed"
+                if not self._stop_reading:  # (after drain(), the end we asked for)
+                    self.close_reason = "peer closed"
                 return
             # Receipt time of this read's frames (one clock read each per read, not per frame).
             self._read_at = trio.current_time()
@@ -780,15 +847,12 @@ class _Connection:
             return
         self.metrics.backpressured.inc()
         self.log.debug("%s reports un-acked: not reading", self.session.pending)
+        self._backpressured = True
         try:
-            with trio.CancelScope() as scope:
-                self._interruptible = scope
-                if self._stop_reading:
-                    scope.cancel()
-                while self.session.pending >= self.config.max_unacked:
-                    await self._progress_event().wait()
-            self._interruptible = None
+            while self.session.pending >= self.config.max_unacked and not self._stop_reading:
+                await self._progress_event().wait()
         finally:
+            self._backpressured = False
             self.metrics.backpressured.dec()
         self._last_activity = trio.current_time()
 
@@ -997,19 +1061,38 @@ class _Connection:
         """Write one frame; False (and the connection closing) if it could not be written."""
         if self._closed:
             return False
-        async with self._send_lock:
-            # A plain cancel scope rather than trio.fail_after (a generator-based context
-            # manager): this runs for nearly every frame a terminal sends.
-            deadline = trio.current_time() + self.config.send_timeout_s
+        # One write at a time (the reading task and the acknowledging task both write); a
+        # flag rather than a trio.Lock, whose acquire yields to the scheduler even when free.
+        while self._sending:
+            if self._send_free is None:
+                self._send_free = trio.Event()
+            await self._send_free.wait()
+            if self.is_closed():
+                return False
+        self._sending = True
+        try:
+            # Nearly always the socket takes the whole frame at once: write it straight to the
+            # (non-blocking) descriptor, without trio's send path and its two trips through
+            # the scheduler.  Only what the kernel did not take goes through send_all.
             try:
-                with trio.CancelScope(deadline=deadline) as scope:
-                    await self.stream.send_all(wire)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                sent = os.write(self._fd, wire)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:  # reset or broken pipe: the peer is gone
                 self._abort(f"peer error: {exc!r}")
                 return False
-            if scope.cancelled_caught:
-                self._abort("send timeout")
-                return False
+            if sent < len(wire):
+                self._send_since = trio.current_time()  # the reaper enforces send_timeout_s
+                await self.stream.send_all(memoryview(wire)[sent:])
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._abort(f"peer error: {exc!r}")
+            return False
+        finally:
+            self._sending = False
+            self._send_since = None
+            if self._send_free is not None:
+                self._send_free.set()
+                self._send_free = None
         return True
 
     def _abort(self, reason: str) -> None:

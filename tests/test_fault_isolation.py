@@ -207,3 +207,56 @@ async def test_connection_events_are_summed_up_not_logged_one_by_one(
                 "5 closed (peer closed 5); 1 online, 1 connections open"
             )
             assert h.server.activity_summary() is None  # reset: nothing since
+
+
+async def test_a_write_that_does_not_finish_in_time_closes_the_connection() -> None:
+    """The reaper enforces send_timeout_s on a write in progress (a peer that stopped
+    reading): that connection closes, others go on."""
+    with trio.fail_after(20):
+        async with running(base_config(send_timeout_s=30)) as h:
+            good = await h.terminal()
+            await good.login()
+            stuck = await h.terminal(OTHER)
+            await stuck.login()
+            (connection,) = [c for c in h.server._connections if c.phone == OTHER]
+            now = trio.current_time()
+            connection._send_since = now - 29  # a write begun 29 s ago: not yet
+            connection.expire(now)
+            assert not connection.stopping()
+            connection._send_since = now - 30
+            connection.expire(now)
+            assert await stuck.closed()
+            await wait_until(
+                lambda: h.metric("jt808_connections_closed_total", {"reason": "send timeout"}) == 1
+            )
+            await steady(good, 3)
+
+
+async def test_a_write_the_socket_cannot_take_at_once_is_finished_in_order() -> None:
+    """Writes go straight to the descriptor; what the kernel does not take (a peer slow to
+    read) is finished by trio's send_all, and the peer gets every byte in order."""
+    import socket  # noqa: PLC0415
+
+    with trio.fail_after(20):
+        async with running() as h:
+            terminal = await h.terminal()
+            await terminal.login()
+            (connection,) = list(h.server._connections)
+            connection.stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            terminal.stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            payload = bytes(range(256)) * 1024  # 256 KiB: far more than both buffers
+            written: list[bool] = []
+
+            async def write() -> None:
+                written.append(await connection._send_wire(payload))
+                written.append(await connection._send_wire(b"after"))
+
+            received = bytearray()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write)
+                await trio.sleep(0.2)
+                assert not written  # blocked on the slow reader, nothing lost
+                while len(received) < len(payload) + 5:
+                    received += await terminal.stream.receive_some(65536)
+            assert written == [True, True]
+            assert bytes(received) == payload + b"after"
