@@ -90,6 +90,10 @@ class Completion(Protocol):
         """Wait until the batch is settled: True once durable, False if it was lost."""
         ...
 
+    def outcome(self) -> bool | None:
+        """Without waiting: None while in flight, else what :meth:`wait` returns."""
+        ...
+
 
 class PositionSink(Protocol):
     async def submit(self, records: Sequence[PositionRecord]) -> Completion:
@@ -128,6 +132,9 @@ class CompletionEvent:
     async def wait(self) -> bool:
         await self._event.wait()
         return self._durable
+
+    def outcome(self) -> bool | None:
+        return self._durable if self._event.is_set() else None
 
 
 class InMemoryPositionSink:

@@ -217,6 +217,15 @@ class Server:
             on_refused=lambda scope: metrics.auth_locked.labels(scope).inc(),
         )
         self.quiet = LogLimiter()
+        # Every connection's batches in storage, in submission order: (connection, tickets,
+        # completion).  One task (_acknowledge) wakes when the oldest settles -- a writer's
+        # batch settles the submits of many connections at once -- and sends the acks of all
+        # that settled, instead of a task per connection waking per batch.  Bounded by the
+        # connections' max_unacked each.
+        self._settling: collections.deque[tuple[_Connection, list[int], Completion]] = (
+            collections.deque()
+        )
+        self._settling_added = trio.Event()
         # Connections, logins and closes since the last activity summary: with tens of
         # thousands of terminals, a line per connection event would be most of the log, so
         # those lines are DEBUG and INFO gets one summary a minute.  Keys: a fixed set plus
@@ -288,6 +297,7 @@ class Server:
                 functools.partial(supervise, "activity-summaries", self._summarise_activity)
             )
             nursery.start_soon(functools.partial(supervise, "timeouts", self._reap))
+            nursery.start_soon(functools.partial(supervise, "acks", self._acknowledge))
             accept_scope = trio.CancelScope()
             nursery.start_soon(self._accept, listeners, nursery, accept_scope)
             self.accepting = True
@@ -419,6 +429,47 @@ class Server:
                     held.source,
                     held.window_s,
                 )
+
+    def settle_later(
+        self, connection: _Connection, tickets: list[int], completion: Completion
+    ) -> None:
+        """Track a submitted batch; its acks go out once the sink settles it."""
+        self._settling.append((connection, tickets, completion))
+        self._settling_added.set()
+
+    async def _acknowledge(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Wait for the oldest batch in storage to settle, then acknowledge every batch that
+        has settled (of any connection), and again.
+
+        The wait is on the oldest batch: one that settles before an older one waits for it
+        (a writer's batches settle about in order).  A connection's acks still leave in the
+        order its reports arrived: :meth:`Session.storage_done` holds them until the earlier
+        ones settled.
+        """
+        task_status.started()
+        while True:
+            if not self._settling:
+                self._settling_added = trio.Event()
+                await self._settling_added.wait()
+                continue
+            await self._settling[0][2].wait()
+            now = trio.current_time()
+            pending: collections.deque[tuple[_Connection, list[int], Completion]] = (
+                collections.deque()
+            )
+            touched: dict[_Connection, None] = {}
+            for entry in self._settling:
+                connection, tickets, completion = entry
+                durable = completion.outcome()
+                if durable is None:
+                    pending.append(entry)
+                elif connection.settled(tickets, durable, now):
+                    touched[connection] = None
+            self._settling = pending
+            for connection in touched:
+                connection.write_acks_now()
 
     async def _reap(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Every :data:`REAP_INTERVAL_S`, close the connections whose timeouts passed (see
@@ -596,7 +647,6 @@ class _Connection:
         "_capture",
         "_closed",
         "_commands",
-        "_completions_in",
         "_counted",
         "_drain_on_close",
         "_fd",
@@ -665,9 +715,6 @@ class _Connection:
         self._send_since: float | None = None  # when the write in progress began
         self._progress: trio.Event | None = None  # made by the first waiter
         self._nursery: trio.Nursery | None = None
-        # (tickets, completion) in submission order: the reports of one read share a
-        # completion; at most max_unacked reports are in flight, so at most that many batches.
-        self._completions_in: trio.MemorySendChannel[tuple[list[int], Completion]] | None = None
         # What one read produced, handed on together in :meth:`_flush`: replies to write
         # (wire, receipt time of the report an ack answers) and positions to store.
         self._replies: list[tuple[bytes, float | None]] = []
@@ -861,25 +908,84 @@ class _Connection:
             self._progress = trio.Event()
         return self._progress
 
-    async def _acknowledge(
-        self, completions: trio.MemoryReceiveChannel[tuple[list[int], Completion]]
+    def settled(self, tickets: list[int], durable: bool, now: float) -> bool:
+        """Storage settled the batch holding ``tickets`` (called by the server's
+        acknowledging task): queue the acks it releases.  True if there are replies to
+        write; nothing happens for a connection already closed."""
+        count = len(tickets)
+        if self._closed:
+            return False  # its share of the gauges went with cleanup()
+        self.metrics.unacked.dec(count)
+        self._in_flight_reported -= count
+        if not durable:
+            self.metrics.not_durable.inc(count)
+        for ticket in tickets:
+            for action in self.session.storage_done(ticket, durable, now=now):
+                if isinstance(action, Send):
+                    self._replies.append((action.wire, action.acked_at))
+                elif isinstance(action, Log):
+                    self.log.log(action.level, action.message, *action.args)
+        if not self._replies:
+            self._wake_progress()  # settled without acks to send (not durable, or immediate)
+            return False
+        return True
+
+    def write_acks_now(self) -> None:
+        """Write the queued replies without waiting (the caller serves every connection):
+        what the socket does not take at once, or a write already in progress, is left to a
+        task of this connection.  Wakes a reader waiting for room once the acks left."""
+        if self._closed or self._nursery is None:
+            return
+        if self._sending:
+            self._nursery.start_soon(self._write_acks_later, None)
+            return
+        replies, self._replies = self._replies, []
+        wire = replies[0][0] if len(replies) == 1 else b"".join(wire for wire, _ in replies)
+        self._sending = True
+        sent = self._write_now(wire)
+        if sent is None:
+            self._send_done()
+            return
+        if sent < len(wire):
+            self._send_since = trio.current_time()
+            self._nursery.start_soon(self._write_acks_later, memoryview(wire)[sent:], replies)
+            return
+        self._send_done()
+        self._acks_left(replies)
+
+    async def _write_acks_later(
+        self,
+        rest: memoryview | None,
+        replies: list[tuple[bytes, float | None]] | None = None,
     ) -> None:
-        """Await completions in submission order; send the acks they release."""
-        async for tickets, completion in completions:
-            durable = await completion.wait()
-            count = len(tickets)
-            self.metrics.unacked.dec(count)
-            self._in_flight_reported -= count
-            if not durable:
-                self.metrics.not_durable.inc(count)
-            now = trio.current_time()
-            for ticket in tickets:
-                await self._perform(self.session.storage_done(ticket, durable, now=now))
+        """Finish a write the socket did not take at once (``rest``, holding the write), or
+        write the queued replies once the write in progress is done (``rest`` None)."""
+        if rest is None:
             await self._write_replies()
-            # Wake the reader (back-pressure) and a draining close only after the acks left.
-            if self._progress is not None:
-                self._progress.set()
-                self._progress = None
+            self._wake_progress()
+            return
+        try:
+            await self.stream.send_all(rest)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._abort(f"peer error: {exc!r}")
+            return
+        finally:
+            self._send_done()
+        self._acks_left(replies or [])
+
+    def _acks_left(self, replies: list[tuple[bytes, float | None]]) -> None:
+        now = trio.current_time()
+        observe = self.metrics.ack_latency.observe
+        for _, acked_at in replies:
+            if acked_at is not None:
+                observe(now - acked_at)
+        self._wake_progress()
+
+    def _wake_progress(self) -> None:
+        """Wake the reader (back-pressure) and a draining close: acks have left."""
+        if self._progress is not None:
+            self._progress.set()
+            self._progress = None
 
     # -- commands
 
@@ -1034,14 +1140,7 @@ class _Connection:
             self.metrics.positions.inc(len(records))
             self.metrics.unacked.inc(len(tickets))
             self._in_flight_reported += len(tickets)
-            if self._completions_in is None:
-                # The first stored report: start acknowledging (in submission order).
-                assert self._nursery is not None, "submissions come from run()"
-                self._completions_in, completions = trio.open_memory_channel[
-                    tuple[list[int], Completion]
-                ](self.config.max_unacked + 1)
-                self._nursery.start_soon(self._acknowledge, completions)
-            await self._completions_in.send((tickets, completion))
+            self.server.settle_later(self, tickets, completion)
         await self._write_replies()
 
     async def _write_replies(self) -> None:
@@ -1071,15 +1170,8 @@ class _Connection:
                 return False
         self._sending = True
         try:
-            # Nearly always the socket takes the whole frame at once: write it straight to the
-            # (non-blocking) descriptor, without trio's send path and its two trips through
-            # the scheduler.  Only what the kernel did not take goes through send_all.
-            try:
-                sent = os.write(self._fd, wire)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:  # reset or broken pipe: the peer is gone
-                self._abort(f"peer error: {exc!r}")
+            sent = self._write_now(wire)
+            if sent is None:
                 return False
             if sent < len(wire):
                 self._send_since = trio.current_time()  # the reaper enforces send_timeout_s
@@ -1088,12 +1180,30 @@ class _Connection:
             self._abort(f"peer error: {exc!r}")
             return False
         finally:
-            self._sending = False
-            self._send_since = None
-            if self._send_free is not None:
-                self._send_free.set()
-                self._send_free = None
+            self._send_done()
         return True
+
+    def _write_now(self, wire: bytes) -> int | None:
+        """Write what the socket takes now; the bytes written, or None if the peer is gone
+        (the connection is then closing).  The caller holds the write (``_sending``).
+
+        Nearly always the socket takes the whole frame at once: straight to the non-blocking
+        descriptor, without trio's send path and its two trips through the scheduler.
+        """
+        try:
+            return os.write(self._fd, wire)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:  # reset or broken pipe
+            self._abort(f"peer error: {exc!r}")
+            return None
+
+    def _send_done(self) -> None:
+        self._sending = False
+        self._send_since = None
+        if self._send_free is not None:
+            self._send_free.set()
+            self._send_free = None
 
     def _abort(self, reason: str) -> None:
         self.close_reason = reason

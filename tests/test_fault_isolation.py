@@ -260,3 +260,27 @@ async def test_a_write_the_socket_cannot_take_at_once_is_finished_in_order() -> 
                     received += await terminal.stream.receive_some(65536)
             assert written == [True, True]
             assert bytes(received) == payload + b"after"
+
+
+async def test_one_settled_batch_acknowledges_every_connection_in_it() -> None:
+    """The server's acknowledging task: a stalled sink holds the acks of several
+    connections; when it resumes they all leave, in each connection's order, and a
+    connection that closed meanwhile is simply skipped."""
+    with trio.fail_after(20):
+        async with running(base_config(max_unacked=4)) as h:
+            terminals = [await h.terminal(f"01390000020{n}") for n in range(3)]
+            for terminal in terminals:
+                await terminal.login()
+            h.sink.stall()
+            sent: dict[FakeTerminal, list[int]] = {}
+            for terminal in terminals:
+                sent[terminal] = [await terminal.send(report(n)) for n in range(4)]
+            await wait_until(lambda: h.sink.submitted == 12)
+            await terminals[2].aclose()  # gone before its batch settles
+            await wait_until(lambda: len(h.server._connections) == 2)
+            h.sink.resume()
+            for terminal in terminals[:2]:
+                for serial in sent[terminal]:
+                    await terminal.ack(serial, 0x0200)
+            await steady(terminals[0], 5)  # room again: the reader goes on
+            assert h.metric("jt808_unacked_reports") == 0

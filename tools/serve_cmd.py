@@ -83,6 +83,10 @@ class WriterCompletion:
     async def wait(self) -> bool:
         return (await self._completion.wait()).durable
 
+    def outcome(self) -> bool | None:
+        result = self._completion.result
+        return None if result is None else result.durable
+
 
 class WriterSink:
     """``ingest.PositionSink`` over the storage writer."""
@@ -110,6 +114,9 @@ class NotDurable:
     """A completion that is settled and not durable (no ack: the terminal retransmits)."""
 
     async def wait(self) -> bool:
+        return False
+
+    def outcome(self) -> bool | None:
         return False
 
 
