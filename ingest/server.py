@@ -2,9 +2,16 @@
 
 One trio task per connection reads (at most 64 KiB a time), feeds the
 :class:`~protocol.StreamDecoder`, hands each event to the connection's
-:class:`~ingest.session.Session` and performs the actions it returns.  A second task per
-connection awaits storage completions in submission order and sends the acks they release.
-Decisions live in the session; this module only does I/O, timeouts and bookkeeping.
+:class:`~ingest.session.Session` and performs the actions it returns.  One task per server
+(:meth:`Server._acknowledge`) waits for the batches in storage and sends the acks they release,
+for every connection at once; one more (:meth:`Server._reap`) enforces the timeouts.  Decisions
+live in the session; this module only does I/O, timeouts and bookkeeping.
+
+Per-read cost: terminals send one frame per TCP write, so what a read and a write cost is most
+of what a report costs.  Reads and writes go straight to the non-blocking descriptor (trio's
+``send_all`` only finishes what the kernel did not take at once), no cancel scope is made per
+read or per write (timeouts are checked by the reaper every :data:`REAP_INTERVAL_S`), and a
+flag rather than a lock keeps one write at a time per connection.
 
 Contract
     * ``ack = "durable"``: a 0x0200/0x0704 is acknowledged only after the sink's completion
@@ -14,11 +21,13 @@ Contract
       connection stops reading (TCP flow control then slows the terminal).  Nothing
       acknowledged is ever dropped.
     * Timeouts: a connection is closed after ``read_timeout_s`` without a complete frame
-      (bytes that never finish a frame do not count, so a slow-loris client is closed too),
-      when it is not authenticated ``auth_timeout_s`` after connecting, or when a reply does not
-      leave within ``send_timeout_s``.
+      (bytes that never finish a frame do not count, so a slow-loris client is closed too;
+      time spent waiting for storage does not count either), when it is not authenticated
+      ``auth_timeout_s`` after connecting, or when a reply does not leave within
+      ``send_timeout_s``; each up to :data:`REAP_INTERVAL_S` late.
     * Takeover: when a terminal authenticates, the connection that held its phone is closed.
-    * Peer errors end only their connection; bugs are not caught.
+    * Peer errors end only their connection; so does any other error while handling it
+      (contained by :meth:`Server.contain`: logged, counted, the connection closed).
     * Graceful shutdown (:meth:`Server.shutdown`): stop accepting, let each connection stop
       reading and send the acks still in flight for up to ``shutdown_grace_s``, cancel what is
       left, return from :meth:`Server.run`.  Cancelling :meth:`Server.run` instead stops at once.
