@@ -51,6 +51,9 @@ class SchemaMigrator:
         self._retry_first_s = retry_first_s
         self._retry_max_s = retry_max_s
         self.ready = trio.Event()
+        # Set after the first attempt, whatever its outcome: a node starting with its
+        # database up waits for this, so its other services find the schema in place.
+        self.attempted = trio.Event()
         self.attempts = 0
         self.last_error: str | None = None
         self.applied: list[int] = []
@@ -63,6 +66,7 @@ class SchemaMigrator:
             try:
                 self.applied = await trio.to_thread.run_sync(self._migrate, abandon_on_cancel=True)
             except psycopg.OperationalError as exc:
+                self.attempted.set()
                 first = self.last_error is None
                 self.last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else "?"
                 (logger.error if first else logger.info)(
@@ -76,6 +80,7 @@ class SchemaMigrator:
                 continue
             self.last_error = None
             self.ready.set()
+            self.attempted.set()
             if self.applied:
                 logger.info("schema migrated: applied %s", self.applied)
             elif self.attempts > 1:

@@ -57,6 +57,10 @@ EXIT_USAGE = 2
 # (the positions themselves are stored; a replay raises their alerts).
 RULES_DRAIN_S = 30.0
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (see serve())
+# How long the first migration attempt may hold up the start: a current schema is checked in
+# milliseconds and a first install takes well under a second; a database that neither answers
+# nor refuses (connect timeout 5 s) must not keep terminals waiting much longer.
+SCHEMA_FIRST_ATTEMPT_S = 10.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -383,6 +387,10 @@ async def serve(
     try:
         async with trio.open_nursery() as services:
             await services.start(supervised("schema", migrator.run))
+            # A database that answers is migrated before the other services start (they then
+            # find their tables); one that does not is retried in the background meanwhile.
+            with trio.move_on_after(SCHEMA_FIRST_ATTEMPT_S):
+                await migrator.attempted.wait()
             await services.start(supervised("writer", writer.run))
             await services.start(supervised("terminal-cache", registry.run))
             if rules is not None:
