@@ -164,6 +164,7 @@ class ClusterRouter:
         self.out_of_step = False
         self._losses = 0  # changes lost so far (a rewrite must start after the last one)
         self._rewriting = False  # a rewrite's snapshot is taken and its write in flight
+        self._started = False  # run() was entered before (a restart keeps the live rows)
         self._inbox_in, self._inbox_out = trio.open_memory_channel[dict[str, Any]](INBOX_MESSAGES)
         self._waiting: dict[str, _Waiter] = {}
         self._relayed = trio.CapacityLimiter(MAX_RELAYED_COMMANDS)
@@ -174,11 +175,17 @@ class ClusterRouter:
 
         Starts even when the database does not answer: the stale rows are then removed by the
         first rewrite once it does."""
-        cleared = False
-        with trio.move_on_after(CLEAR_TIMEOUT_S):
-            cleared = await self.sessions.clear_node(self.node)
-        if not cleared:
-            self._step_out("clearing the rows of an earlier life failed")
+        if self._started:
+            # Run again after a failure (it is supervised): this node's sessions are live, so
+            # its rows are rewritten from them rather than cleared.
+            self._step_out("restarted")
+        else:
+            self._started = True
+            cleared = False
+            with trio.move_on_after(CLEAR_TIMEOUT_S):
+                cleared = await self.sessions.clear_node(self.node)
+            if not cleared:
+                self._step_out("clearing the rows of an earlier life failed")
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.transport.listen, self.node, self._inbox_in)

@@ -455,7 +455,8 @@ class Server:
         The wait is on the oldest batch: one that settles before an older one waits for it
         (a writer's batches settle about in order).  A connection's acks still leave in the
         order its reports arrived: :meth:`Session.storage_done` holds them until the earlier
-        ones settled.
+        ones settled.  An error while settling or acknowledging one connection's batch closes
+        that connection (:meth:`contain`); the others go on.
         """
         task_status.started()
         while True:
@@ -463,22 +464,31 @@ class Server:
                 self._settling_added = trio.Event()
                 await self._settling_added.wait()
                 continue
-            await self._settling[0][2].wait()
+            oldest, _, completion = self._settling[0]
+            try:
+                await completion.wait()
+            except Exception as exc:  # noqa: BLE001 - contained: see Server.contain
+                self._settling.popleft()
+                self.contain(oldest, exc)
+                continue
             now = trio.current_time()
-            pending: collections.deque[tuple[_Connection, list[int], Completion]] = (
-                collections.deque()
-            )
+            settling, self._settling = self._settling, collections.deque()
             touched: dict[_Connection, None] = {}
-            for entry in self._settling:
+            for entry in settling:
                 connection, tickets, completion = entry
-                durable = completion.outcome()
-                if durable is None:
-                    pending.append(entry)
-                elif connection.settled(tickets, durable, now):
-                    touched[connection] = None
-            self._settling = pending
+                try:
+                    durable = completion.outcome()
+                    if durable is None:
+                        self._settling.append(entry)
+                    elif connection.settled(tickets, durable, now):
+                        touched[connection] = None
+                except Exception as exc:  # noqa: BLE001 - contained: see Server.contain
+                    self.contain(connection, exc)
             for connection in touched:
-                connection.write_acks_now()
+                try:
+                    connection.write_acks_now()
+                except Exception as exc:  # noqa: BLE001 - contained: see Server.contain
+                    self.contain(connection, exc)
 
     async def _reap(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Every :data:`REAP_INTERVAL_S`, close the connections whose timeouts passed (see
@@ -488,7 +498,10 @@ class Server:
             await trio.sleep(REAP_INTERVAL_S)
             now = trio.current_time()
             for connection in list(self._connections):
-                connection.expire(now)
+                try:
+                    connection.expire(now)
+                except Exception as exc:  # noqa: BLE001 - contained: see Server.contain
+                    self.contain(connection, exc)
 
     async def _summarise_activity(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -948,8 +961,7 @@ class _Connection:
         if self._sending:
             self._nursery.start_soon(self._write_acks_later, None)
             return
-        replies, self._replies = self._replies, []
-        wire = replies[0][0] if len(replies) == 1 else b"".join(wire for wire, _ in replies)
+        replies, wire = self._take_replies()
         self._sending = True
         sent = self._write_now(wire)
         if sent is None:
@@ -960,7 +972,7 @@ class _Connection:
             self._nursery.start_soon(self._write_acks_later, memoryview(wire)[sent:], replies)
             return
         self._send_done()
-        self._acks_left(replies)
+        self._replies_left(replies)
 
     async def _write_acks_later(
         self,
@@ -971,7 +983,6 @@ class _Connection:
         write the queued replies once the write in progress is done (``rest`` None)."""
         if rest is None:
             await self._write_replies()
-            self._wake_progress()
             return
         try:
             await self.stream.send_all(rest)
@@ -980,15 +991,7 @@ class _Connection:
             return
         finally:
             self._send_done()
-        self._acks_left(replies or [])
-
-    def _acks_left(self, replies: list[tuple[bytes, float | None]]) -> None:
-        now = trio.current_time()
-        observe = self.metrics.ack_latency.observe
-        for _, acked_at in replies:
-            if acked_at is not None:
-                observe(now - acked_at)
-        self._wake_progress()
+        self._replies_left(replies or [])
 
     def _wake_progress(self) -> None:
         """Wake the reader (back-pressure) and a draining close: acks have left."""
@@ -1156,14 +1159,24 @@ class _Connection:
         """Write every queued reply in one send (in the order they were queued)."""
         if not self._replies:
             return
+        replies, wire = self._take_replies()
+        if await self._send_wire(wire):
+            self._replies_left(replies)
+
+    def _take_replies(self) -> tuple[list[tuple[bytes, float | None]], bytes]:
+        """The queued replies (emptying the queue) and their bytes, joined in order."""
         replies, self._replies = self._replies, []
         wire = replies[0][0] if len(replies) == 1 else b"".join(wire for wire, _ in replies)
-        if await self._send_wire(wire):
-            now = trio.current_time()
-            observe = self.metrics.ack_latency.observe
-            for _, acked_at in replies:
-                if acked_at is not None:
-                    observe(now - acked_at)
+        return replies, wire
+
+    def _replies_left(self, replies: list[tuple[bytes, float | None]]) -> None:
+        """Replies written: observe the acks' latency, wake a reader waiting for room."""
+        now = trio.current_time()
+        observe = self.metrics.ack_latency.observe
+        for _, acked_at in replies:
+            if acked_at is not None:
+                observe(now - acked_at)
+        self._wake_progress()
 
     async def _send_wire(self, wire: bytes) -> bool:
         """Write one frame; False (and the connection closing) if it could not be written."""

@@ -26,9 +26,6 @@ logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-# The header's BCD phone is 6 bytes (12 digits) before 2019 and 10 bytes (20 digits) in 2019
-# (JT/T 808-2019 table 2).
-PHONE_DIGITS = (12, 20)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,28 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_database_arguments(parser)
 
 
-def candidates(phone: str) -> list[str]:
-    """The stored phone strings ``phone`` may stand for (with or without leading zeros)."""
-    if not phone.isdigit() or len(phone) > max(PHONE_DIGITS):
-        raise ValueError(f"{phone!r} is not a terminal phone number")
-    core = phone.lstrip("0") or "0"
-    found = [phone]
-    for digits in PHONE_DIGITS:
-        padded = core.rjust(digits, "0")
-        if len(core) <= digits and padded not in found:
-            found.append(padded)
-    return found
-
-
 def run(args: argparse.Namespace) -> int:
     import psycopg  # noqa: PLC0415
 
+    from ingest.cluster import phone_candidates  # noqa: PLC0415
+    from ingest.commands import BadCommandError  # noqa: PLC0415
     from storage import StorageError, TerminalStore, database_dsn, migrate  # noqa: PLC0415
 
     configured, data_dir = resolve(args)
     try:
-        phones = [candidates(phone) for phone in args.phones]
-    except ValueError as exc:
+        phones = [phone_candidates(phone) for phone in args.phones]
+    except BadCommandError as exc:
         logger.error("%s", exc)  # noqa: TRY400 - a usage error
         return 2
     actor = args.actor or f"{getpass.getuser()}@{platform.node()}"
@@ -92,7 +78,7 @@ def _act(  # noqa: PLR0917 - one call site, the fields of one action
     if action == "provision":
         # A new phone is stored as a terminal sends it: BCD[6] (12 digits) when it fits, else
         # the 2019 BCD[10] (20 digits); give the 20-digit form for a 2019 terminal.
-        target = phone or given.rjust(12 if len(given) <= 12 else 20, "0")
+        target = phone or next((form for form in forms if len(form) in (12, 20)), forms[-1])
         store.provision_sync(target)
         print(f"{target}: provisioned")
         return True
