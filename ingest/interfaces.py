@@ -102,6 +102,10 @@ class PositionSink(Protocol):
 
         The returned completion must settle eventually (durable or not), also when the sink
         shuts down, or the connection waiting on it stops reading.
+
+        A sink may also offer ``submit_nowait(records) -> Completion | None``: the same
+        without waiting, None (nothing taken) when it would have to wait.  The server then
+        handles plain reports without waking the connection's task (:mod:`ingest.readiness`).
         """
         ...
 
@@ -178,6 +182,15 @@ class InMemoryPositionSink:
         completion = CompletionEvent()
         self.submitted += len(records)
         await self._send.send((tuple(records), completion))
+        return completion
+
+    def submit_nowait(self, records: Sequence[PositionRecord]) -> CompletionEvent | None:
+        completion = CompletionEvent()
+        try:
+            self._send.send_nowait((tuple(records), completion))
+        except trio.WouldBlock:
+            return None
+        self.submitted += len(records)
         return completion
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -2,7 +2,10 @@
 
 One trio task per connection reads (at most 64 KiB a time), feeds the
 :class:`~protocol.StreamDecoder`, hands each event to the connection's
-:class:`~ingest.session.Session` and performs the actions it returns.  One task per server
+:class:`~ingest.session.Session` and performs the actions it returns.  Once authenticated, a
+connection waits for its next read parked with the worker's :class:`~ingest.readiness.Readiness`
+loop, which handles plain reports and heartbeats itself (reading, storing, acknowledging
+exactly as the task would) and wakes the task for anything else.  One task per server
 (:meth:`Server._acknowledge`) waits for the batches in storage and sends the acks they release,
 for every connection at once; one more (:meth:`Server._reap`) enforces the timeouts.  Decisions
 live in the session; this module only does I/O, timeouts and bookkeeping.
@@ -59,7 +62,7 @@ import math
 import os
 import secrets
 import socket
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -98,6 +101,7 @@ from ingest.lockout import AuthLockout, LockoutPolicy
 from ingest.memory import release_free_memory
 from ingest.metrics import Metrics
 from ingest.quiet import LogLimiter
+from ingest.readiness import Readiness
 from ingest.session import (
     STORED_MSG_IDS,
     Action,
@@ -120,12 +124,15 @@ from protocol.codec import Packet, StreamDecoder
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.messages.base import Fragment, Message
 from protocol.messages.control import TerminalRetransmitRequest
-from protocol.messages.terminal import REGISTER_OK, REGISTER_TERMINAL_TAKEN
+from protocol.messages.terminal import REGISTER_OK, REGISTER_TERMINAL_TAKEN, Heartbeat
 from protocol.reassembly import Dropped, RetransmitRequest
 
 logger = logging.getLogger(__name__)
 
 PEER_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, RemoteProtocolError)
+# Frames an authenticated terminal sends all day, handled by the readiness loop without waking
+# the connection's task (see ingest.readiness): reports (8.18, 8.43) and heartbeats (8.3).
+INLINE_MSG_IDS = STORED_MSG_IDS | {Heartbeat.MSG_ID}
 
 
 def _auth_code() -> str:
@@ -226,6 +233,12 @@ class Server:
             on_refused=lambda scope: metrics.auth_locked.labels(scope).inc(),
         )
         self.quiet = LogLimiter()
+        # Connections waiting for data park here; plain reports are then handled without
+        # waking their tasks, when the sink can take positions without waiting.
+        self.readiness = Readiness()
+        self.submit_nowait: Callable[[Sequence[PositionRecord]], Completion | None] | None = (
+            getattr(sink, "submit_nowait", None)
+        )
         # Every connection's batches in storage, in submission order: (connection, tickets,
         # completion).  One task (_acknowledge) wakes when the oldest settles -- a writer's
         # batch settles the submits of many connections at once -- and sends the acks of all
@@ -292,6 +305,9 @@ class Server:
             # the connections' own failures are contained in _handle.
             await nursery.start(
                 functools.partial(supervise, "cluster", self.cluster.run, metrics=self.metrics)
+            )
+            await nursery.start(
+                functools.partial(supervise, "readiness", self.readiness.run, metrics=self.metrics)
             )
             nursery.start_soon(
                 functools.partial(
@@ -671,10 +687,15 @@ class _Connection:
         "_commands",
         "_counted",
         "_drain_on_close",
+        "_drained",
         "_fd",
+        "_handed_actions",
+        "_handed_end",
+        "_handed_event",
         "_in_flight_reported",
         "_last_activity",
         "_nursery",
+        "_parked_task",
         "_progress",
         "_read_at",
         "_read_wall",
@@ -729,6 +750,14 @@ class _Connection:
         self._read_wall = self.connected_since
         self._stop_reading = False
         self._drain_on_close = False
+        self._drained = False  # the last read took less than a buffer: wait before reading
+        # Parked with the readiness loop (see _park): the task to wake, and what the loop
+        # hands it -- the end of the stream or a read error, or the frame (or the actions of
+        # one) it could not handle by itself.
+        self._parked_task: trio.lowlevel.Task | None = None
+        self._handed_end: bytes | OSError | None = None
+        self._handed_event: Packet | RemoteProtocolError | None = None
+        self._handed_actions: list[Action] | None = None
         # Timeouts are enforced by the server's reaper (Server._reap), not by a cancel scope
         # per read and per write: at one frame per read those were a tenth of a worker's CPU.
         self._backpressured = False  # waiting for storage: the idle timeout does not run
@@ -835,30 +864,42 @@ class _Connection:
         """The next bytes from the terminal (b"" at its end of stream).
 
         Straight from the non-blocking descriptor: one trip through the scheduler while
-        waiting for data, where ``SocketStream.receive_some`` takes two.  A read that finds
-        data at once still yields, so that a peer sending without pause cannot starve the
-        other connections.
+        waiting for data, where ``SocketStream.receive_some`` takes two.  After a read that
+        did not fill the buffer the socket is almost always empty (a terminal on the road
+        writes one frame and waits for its ack), so the next read waits first instead of
+        trying a read that fails: a failed read is a system call and an exception per frame.
+        A read that finds data at once still yields, so that a peer sending without pause
+        cannot starve the other connections.
         """
-        try:
-            data = os.read(self._fd, RECV_CHUNK_BYTES)
-        except BlockingIOError:
-            pass
-        except OSError as exc:  # reset by the peer
-            raise trio.BrokenResourceError(f"receive failed: {exc!r}") from exc
-        else:
-            await trio.lowlevel.checkpoint()
-            return data
+        if not self._drained:
+            try:
+                data = os.read(self._fd, RECV_CHUNK_BYTES)
+            except BlockingIOError:
+                pass
+            except OSError as exc:  # reset by the peer
+                raise trio.BrokenResourceError(f"receive failed: {exc!r}") from exc
+            else:
+                self._drained = len(data) < RECV_CHUNK_BYTES
+                await trio.lowlevel.checkpoint()
+                return data
         while True:
             await trio.lowlevel.wait_readable(self.stream.socket)
             try:
-                return os.read(self._fd, RECV_CHUNK_BYTES)
+                data = os.read(self._fd, RECV_CHUNK_BYTES)
             except BlockingIOError:
                 continue  # woken without data after all
             except OSError as exc:
                 raise trio.BrokenResourceError(f"receive failed: {exc!r}") from exc
+            self._drained = len(data) < RECV_CHUNK_BYTES
+            return data
 
     async def _read(self) -> None:
         while not self.stopping():
+            if self._can_park():
+                await self._park()
+                if not await self._resume():
+                    return
+                continue
             data = await self._receive()
             if not data:
                 if not self._stop_reading:  # (after drain(), the end we asked for)
@@ -869,15 +910,146 @@ class _Connection:
             self._read_wall = self.server.wall_clock()
             await self._record(data)
             self.decoder.feed(data)
+            await self._take_decoded()
+
+    async def _take_decoded(self) -> None:
+        """Handle the frames decoded so far, then flush."""
+        if not self.stopping():
             for event in self.decoder:
                 await self._handle(event)
                 if self.stopping():
                     break
-            # One read usually holds several frames (a terminal catching up, or writing a
-            # group at once): their positions go to storage as one submit and their replies
-            # leave in one write, which is most of what a position costs here.
-            await self._flush()
-            self._report_buffered()
+        # One read usually holds several frames (a terminal catching up, or writing a
+        # group at once): their positions go to storage as one submit and their replies
+        # leave in one write, which is most of what a position costs here.
+        await self._flush()
+        self._report_buffered()
+
+    # -- parked with the readiness loop (ingest.readiness)
+
+    def _can_park(self) -> bool:
+        """Wait for the next read with the readiness loop: an authenticated terminal whose
+        last read emptied the socket, nothing left to flush, no capture, and a sink that can
+        take positions without waiting."""
+        return (
+            self._drained
+            and self.session.authenticated
+            and self.server.readiness.running
+            and self.server.submit_nowait is not None
+            and self._capture is None
+            and not self._batch
+            and not self._replies
+        )
+
+    async def _park(self) -> None:
+        """Sleep until the readiness loop wakes this task (or it is cancelled)."""
+        self._parked_task = trio.lowlevel.current_task()
+        self.server.readiness.park(self._fd, self)
+        await trio.lowlevel.wait_task_rescheduled(self._unpark_on_abort)
+
+    def _unpark_on_abort(self, _: Callable[[], object]) -> trio.lowlevel.Abort:
+        self.server.readiness.unpark(self._fd)
+        self._parked_task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def wake(self) -> None:
+        """Resume the parked task (called once it is unparked)."""
+        task, self._parked_task = self._parked_task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    def _hand_over(self) -> None:
+        readiness = self.server.readiness
+        readiness.unpark(self._fd)
+        readiness.handovers += 1
+        self.wake()
+
+    def readable(self) -> None:
+        """The readiness loop saw data (or the end) for this parked connection: read and
+        handle it here if every frame is a plain one, else hand over to the task."""
+        try:
+            self._read_parked()
+        except Exception as exc:  # noqa: BLE001 - contained: see Server.contain
+            self._hand_over()
+            self.server.contain(self, exc)
+
+    def _read_parked(self) -> None:
+        try:
+            data = os.read(self._fd, RECV_CHUNK_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as exc:  # reset by the peer: the task raises it
+            self._handed_end = exc
+            self._hand_over()
+            return
+        if not data:
+            self._handed_end = data
+            self._hand_over()
+            return
+        self._drained = len(data) < RECV_CHUNK_BYTES
+        self._read_at = trio.current_time()
+        self._read_wall = self.server.wall_clock()
+        self.decoder.feed(data)
+        for event in self.decoder:
+            if not isinstance(event, Packet) or not self._inline(event):
+                self._handed_event = event
+                self._hand_over()
+                return
+            left = self._handle_now(event)
+            if left is not None:
+                self._handed_actions = left
+                self._hand_over()
+                return
+            if self.stopping():
+                self._hand_over()
+                return
+        if not self._flush_now():
+            self._hand_over()  # storage has no room: the task waits for it
+            return
+        self._report_buffered()
+
+    def _inline(self, event: Packet) -> bool:
+        """A frame the readiness loop handles by itself: a whole report or heartbeat of an
+        authenticated terminal with room for another un-acked report."""
+        return (
+            event.msg_id in INLINE_MSG_IDS
+            and not isinstance(event.message, Fragment)
+            and self.session.authenticated
+            and self.session.pending < self.config.max_unacked
+        )
+
+    def _handle_now(self, event: Packet) -> list[Action] | None:
+        """:meth:`_handle` of an inline frame; the actions that need the task, if any."""
+        now = self._read_at
+        self._last_activity = now
+        self.last_seen = self._read_wall
+        self.metrics.count_frame(event.msg_id)
+        actions = self.session.receive(event, now=now, wall=self.last_seen)
+        left = None
+        for index, action in enumerate(actions):
+            if not self._act_now(action):
+                left = actions[index:]
+                break
+        self._count_session()
+        return left
+
+    async def _resume(self) -> bool:
+        """Go on from where the readiness loop stopped; False at the end of the stream."""
+        end, self._handed_end = self._handed_end, None
+        if isinstance(end, OSError):
+            raise trio.BrokenResourceError(f"receive failed: {end!r}") from end
+        if end is not None:
+            if not self._stop_reading:  # (after drain(), the end we asked for)
+                self.close_reason = "peer closed"
+            return False
+        actions, self._handed_actions = self._handed_actions, None
+        event, self._handed_event = self._handed_event, None
+        if actions:
+            await self._perform(actions)
+        if event is not None and not self.stopping():
+            await self._handle(event)
+        await self._take_decoded()
+        return True
 
     def _read_deadline(self) -> tuple[float, str]:
         idle = self._last_activity + self.config.read_timeout_s
@@ -1081,15 +1253,40 @@ class _Connection:
         except Exception as exc:  # noqa: BLE001 - contained: see Server.contain
             self.server.contain(self, exc)
 
+    def _act_now(self, action: Action) -> bool:
+        """Perform ``action`` if it needs no waiting (True); False (nothing done) if it does.
+        Replies and positions are only queued (see :meth:`_flush`)."""
+        match action:
+            case Send():
+                self._replies.append((action.wire, action.acked_at))
+            case Store():
+                self._batch.extend(action.records)
+                self._batch_tickets.append(action.ticket)
+            case Claim():
+                self.server.claim(self, action.phone)
+            case Close():
+                if not self._stop_reading:
+                    self.close_reason = action.reason
+                self._stop_reading = True
+                self._drain_on_close = self._drain_on_close or action.drain
+            case Log():
+                if action.kind is not None and action.level >= logging.WARNING:
+                    # Lines a peer can cause at will: a budget per kind and address.
+                    quiet = self.server.quiet
+                    if not quiet.allow(action.kind, self.peer_host, trio.current_time()):
+                        self.metrics.log_suppressed.labels(action.kind).inc()
+                        return True
+                self.log.log(action.level, action.message, *action.args)
+            case _:
+                return False
+        return True
+
     async def _perform(self, actions: Iterable[Action]) -> None:
         """Perform ``actions``; replies and positions are only queued (see :meth:`_flush`)."""
         for action in actions:
+            if self._act_now(action):
+                continue
             match action:
-                case Send():
-                    self._replies.append((action.wire, action.acked_at))
-                case Store():
-                    self._batch.extend(action.records)
-                    self._batch_tickets.append(action.ticket)
                 case Register():
                     await self._flush()  # replies before the wait on the database
                     outcome = await self.server.registry.register(action.request)
@@ -1114,8 +1311,6 @@ class _Connection:
                         self.metrics.auth_failures.inc()
                     now = trio.current_time()
                     await self._perform(self.session.authentication_done(action, ok, now=now))
-                case Claim():
-                    self.server.claim(self, action.phone)
                 case StoreMedia():
                     await self._flush()
                     stored = await self.server.media.store(action.record)
@@ -1125,20 +1320,25 @@ class _Connection:
                 case Answer():
                     await self._flush()  # an answer may send packages: keep replies in order
                     await self._answer(action.packet)
-                case Close():
-                    if not self._stop_reading:
-                        self.close_reason = action.reason
-                    self._stop_reading = True
-                    self._drain_on_close = self._drain_on_close or action.drain
-                case Log():
-                    if action.kind is not None and action.level >= logging.WARNING:
-                        # Lines a peer can cause at will: a budget per kind and address.
-                        quiet = self.server.quiet
-                        if not quiet.allow(action.kind, self.peer_host, trio.current_time()):
-                            self.metrics.log_suppressed.labels(action.kind).inc()
-                            continue
-                    self.log.log(action.level, action.message, *action.args)
         self._count_session()
+
+    def _flush_now(self) -> bool:
+        """:meth:`_flush` without waiting; False (positions left queued) if the sink has no
+        room for them now."""
+        if self._batch:
+            submit = self.server.submit_nowait
+            completion = None if submit is None else submit(self._batch)
+            if completion is None:
+                return False
+            tickets, self._batch_tickets = self._batch_tickets, []
+            self.metrics.positions.inc(len(self._batch))
+            self._batch = []
+            self.metrics.unacked.inc(len(tickets))
+            self._in_flight_reported += len(tickets)
+            self.server.settle_later(self, tickets, completion)
+        if self._replies:
+            self.write_acks_now()
+        return True
 
     async def _flush(self) -> None:
         """Hand the queued positions to storage (one submit) and write the queued replies.

@@ -61,6 +61,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -142,6 +143,7 @@ MAX_AUTH_CODE_CHARS = 64
 MAX_FIRMWARE_CHARS = 64
 # 0x8800 counts its retransmit ids in a BYTE (8.52).
 MAX_MEDIA_RETRANSMIT_IDS = 0xFF
+EXPIRY_STEP_S = 1.0  # the dedup cache drops expired keys at most this often
 
 
 class SessionState(enum.Enum):
@@ -255,11 +257,18 @@ class DedupCache:
         self.window_s = window_s
         self.max_entries = max_entries
         self._seen: OrderedDict[DedupKey, float] = OrderedDict()
+        self._next_expiry = -math.inf
 
     def __len__(self) -> int:
         return len(self._seen)
 
     def _expire(self, now: float) -> None:
+        # At most once per EXPIRY_STEP_S: a pass per frame was a measurable share of a
+        # frame's cost, and seen() checks a key's age itself, so what is left over meanwhile
+        # only costs memory (bounded by max_entries).
+        if now < self._next_expiry:
+            return
+        self._next_expiry = now + EXPIRY_STEP_S
         horizon = now - self.window_s
         seen = self._seen
         while seen:
@@ -270,7 +279,8 @@ class DedupCache:
 
     def seen(self, key: DedupKey, now: float) -> bool:
         self._expire(now)
-        if key not in self._seen:
+        at = self._seen.get(key)
+        if at is None or at < now - self.window_s:
             return False
         self._seen[key] = now
         self._seen.move_to_end(key)

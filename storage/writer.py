@@ -252,6 +252,26 @@ class PositionWriter:
             await self._space.wait()
             if not self._running:
                 raise WriterClosedError("the position writer stopped")
+        completion = self._queue(rows, count)
+        if self._open is None:
+            # The batch just filled: let the batcher hand it to a thread now, so the
+            # database works while the caller goes on filling the next one.
+            await trio.lowlevel.checkpoint()
+        return completion
+
+    def submit_nowait(self, rows: Sequence[PositionRow]) -> Completion | None:
+        """:meth:`submit` without waiting: None (nothing queued) when the writer is at its
+        cap.  Raises :class:`WriterClosedError` when the writer is not running."""
+        if not self._running:
+            raise WriterClosedError("the position writer is not running")
+        count = len(rows)
+        if not count:
+            return Completion(_resolved_batch(), 0)
+        if self._outstanding + count > self._cap and self._outstanding:
+            return None
+        return self._queue(rows, count)
+
+    def _queue(self, rows: Sequence[PositionRow], count: int) -> Completion:
         # The server's hot path: a few attribute updates, no metrics, no clock read except for
         # a batch's first submit.
         batch = self._open
@@ -264,9 +284,6 @@ class PositionWriter:
         self._outstanding += count
         if batch.rows >= self._batch_rows:
             self._seal()
-            # Let the batcher hand the full batch to a thread now, so the database works
-            # while the caller goes on filling the next one.
-            await trio.lowlevel.checkpoint()
         return completion
 
     async def drain(self) -> None:

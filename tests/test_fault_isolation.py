@@ -80,7 +80,10 @@ async def test_an_error_in_one_connection_closes_only_that_connection() -> None:
             await steady(newcomer, 2)
 
 
-async def test_an_error_while_storing_closes_only_that_connection() -> None:
+@pytest.mark.parametrize("path", ["task", "readiness"])
+async def test_an_error_while_storing_closes_only_that_connection(path: str) -> None:
+    """A sink that raises for one terminal, on the connection's task (``submit``) and in the
+    readiness loop (``submit_nowait``, ingest.readiness)."""
     with trio.fail_after(20):
         async with running() as h:
             good = await h.terminal()
@@ -88,13 +91,23 @@ async def test_an_error_while_storing_closes_only_that_connection() -> None:
             bad = await h.terminal(OTHER)
             await bad.login()
             submit = h.sink.submit
+            submit_nowait = h.sink.submit_nowait
 
             async def failing(records: Sequence[PositionRecord]) -> Completion:
                 if records[0].phone == OTHER:
                     raise RuntimeError("sink bug")
                 return await submit(records)
 
-            h.server.sink.submit = failing  # type: ignore[method-assign]
+            def failing_now(records: Sequence[PositionRecord]) -> Completion | None:
+                if records[0].phone == OTHER:
+                    raise RuntimeError("sink bug")
+                return submit_nowait(records)
+
+            if path == "task":
+                h.server.submit_nowait = None  # every position through the task's submit
+                h.server.sink.submit = failing  # type: ignore[method-assign]
+            else:
+                h.server.submit_nowait = failing_now
             await bad.send(report(1))
             assert await bad.closed()
             await steady(good, 5)

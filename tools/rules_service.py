@@ -279,6 +279,16 @@ class TeeSink:
         await self._rules.submit(records)
         return completion
 
+    def submit_nowait(self, records: Sequence[PositionRecord]) -> Completion | None:
+        """Both without waiting, or neither (None) when either would have to wait."""
+        submit = getattr(self._primary, "submit_nowait", None)
+        if submit is None or not self._rules.has_room():
+            return None
+        completion: Completion | None = submit(records)
+        if completion is not None:
+            self._rules.submit_nowait(records)
+        return completion
+
 
 # ---------------------------------------------------------------------------------------------
 # The service
@@ -334,6 +344,25 @@ class RuleService:
         self._send, self._receive = trio.open_memory_channel[Sequence[PositionRecord]](
             queue_batches
         )
+
+    def has_room(self) -> bool:
+        """True if :meth:`submit_nowait` takes a batch now."""
+        return (
+            not self.running
+            or self._send.statistics().current_buffer_used < self._send.statistics().max_buffer_size
+        )
+
+    def submit_nowait(self, records: Sequence[PositionRecord]) -> None:
+        """:meth:`submit` when :meth:`has_room` said so (a full queue drops and counts)."""
+        if not self.running:
+            if not self.dropped:
+                logger.warning("rule service not running: positions are not evaluated")
+            self.dropped += len(records)
+            return
+        try:
+            self._send.send_nowait(records)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.dropped += len(records)
 
     async def submit(self, records: Sequence[PositionRecord]) -> None:
         """Queue a batch; waits while the queue is full.  Dropped (and counted) while the

@@ -113,6 +113,23 @@ class WriterSink:
             logger.warning("%s position(s) not stored: %s", len(rows), exc)
             return NotDurable()
 
+    def submit_nowait(
+        self, records: Sequence[PositionRecord]
+    ) -> WriterCompletion | NotDurable | None:
+        """:meth:`submit` without waiting: None when the writer has no room now."""
+        from storage import WriterClosedError, position_row  # noqa: PLC0415
+
+        rows = [
+            position_row(r.header, r.location, r.received_at, batch_type=r.batch_type)
+            for r in records
+        ]
+        try:
+            completion = self._writer.submit_nowait(rows)
+        except WriterClosedError as exc:
+            logger.warning("%s position(s) not stored: %s", len(rows), exc)
+            return NotDurable()
+        return None if completion is None else WriterCompletion(completion)
+
 
 class NotDurable:
     """A completion that is settled and not durable (no ack: the terminal retransmits)."""
