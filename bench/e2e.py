@@ -44,19 +44,16 @@ A server that cannot keep up shows it as fewer acks a second, a growing latency,
 ``skipped_ticks`` (reports a terminal could not even queue because its window stayed full),
 never as loss.
 
-Connection scale (``--connections N``): N terminals that register, authenticate and then
-send heartbeats (every ``--heartbeat-s``) and a 0x0200 every ``--scale-report-s`` (default 30 s,
-one frame per write: 100,000 terminals offer 3,333 positions a second; 0 for heartbeats only),
-spread over several simulator processes (a process may hold at most 20,000 descriptors here)
-bound to several loopback source addresses (5,000 connections each), against a server with one
-worker per 18,000 connections.
+Connection scale (``--connections N``): N idle terminals that register, authenticate and then
+only send heartbeats (every ``--heartbeat-s``), spread over several simulator processes (a
+process may hold at most 20,000 descriptors here) bound to several loopback source addresses
+(5,000 connections each), against a server with one worker per 18,000 connections.
 Terminals connect at ``--scale-rate`` per second: each registers and authenticates, both
 writes to the database (``storage.TerminalStore`` writes the storm's statements in shared
 transactions, one commit each); a storm faster than the database takes them only queues them
 until the server's authentication timeout closes them.  Once all are online (or
 ``--scale-online-timeout-s`` after the ramp) they are held ``--scale-hold-s``.  Reported: how
-many got online, heartbeats, positions sent, acked and stored (``lossless``: every acked
-position stored once, none failed), the ack p99 while holding, and the server's RSS per
+many got online, heartbeat acks and their p99 while holding, and the server's RSS per
 connection = (RSS with the connections - RSS before them) / connections held, and the same
 all-in (``server_rss_total_kb_per_conn``: the workers' whole RSS / connections held), sampled
 at the end of the hold (with the server's own count of authenticated sessions at that moment).
@@ -752,9 +749,7 @@ def scale(options: argparse.Namespace, base_dsn: str) -> dict[str, Any]:
     ):
         control = Path(tmp)
         settings = {
-            # Device time runs with the wall clock, so a terminal's reports are
-            # ``scale_report_s`` device seconds apart and never share the natural key.
-            "interval_s": options.scale_report_s,
+            "interval_s": 0.0,
             "heartbeat_s": options.heartbeat_s,
             "duration_s": limit_s,
             "ramp_s": ramp_s,
@@ -786,7 +781,6 @@ def scale(options: argparse.Namespace, base_dsn: str) -> dict[str, Any]:
             server_view = scrape(srv, workers)
             signal_children(control, "stop")
             results = collect(sims, timeout_s=120)
-            stored = count_rows(dsn)
         usage = sampler.window(since, until)
     totals, latency = merged(results)
     # Per connection the server holds (authenticated or still handshaking: both cost memory).
@@ -804,15 +798,7 @@ def scale(options: argparse.Namespace, base_dsn: str) -> dict[str, Any]:
         "heartbeats": totals["heartbeats"],
         "acked": totals["acked"],
         "failed": totals["failed"],
-        "report_every_s": options.scale_report_s,
-        "positions_sent": totals["positions_sent"],
-        "positions_acked": totals["positions_acked"],
-        "positions_failed": totals["positions_failed"],
-        "positions_stored": stored,
-        # Every position acknowledged is stored, and no position is stored twice (the
-        # terminals' reports each have their own device time).
-        "lossless": stored == totals["positions_acked"] and totals["positions_failed"] == 0,
-        "p99_ack_ms": _ms(latency.percentile(0.99)),
+        "p99_heartbeat_ack_ms": _ms(latency.percentile(0.99)),
         "server_rss_mb": round(rss / 2**20, 1),
         "server_rss_idle_mb": round(idle / 2**20, 1),
         "server_rss_kb_per_conn": round(per_conn, 2),
@@ -823,10 +809,8 @@ def scale(options: argparse.Namespace, base_dsn: str) -> dict[str, Any]:
     log(
         f"scale: {out.get('server_sessions_authenticated')} of {connections} terminals online "
         f"after {out['seconds_until_all_online']} s, {held} connections held by {workers} "
-        f"worker(s) for {hold_s:g} s, {out['heartbeats']} heartbeats; "
-        f"{out['positions_acked']} of {out['positions_sent']} positions acked, "
-        f"{out['positions_stored']} stored ({'lossless' if out['lossless'] else 'LOSS'}); "
-        f"p99 ack while holding {out['p99_ack_ms']} ms; server RSS {out['server_rss_mb']} MB "
+        f"worker(s) for {hold_s:g} s, {out['heartbeats']} heartbeats (p99 ack while holding "
+        f"{out['p99_heartbeat_ack_ms']} ms), server RSS {out['server_rss_mb']} MB "
         f"({out['server_rss_kb_per_conn']} KB per connection over the idle "
         f"{out['server_rss_idle_mb']} MB; {out['server_rss_total_kb_per_conn']} KB in all), "
         f"server CPU {out['server_cpu_pct_holding']}% while holding"
@@ -923,14 +907,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "authentication each wait on the database, see the module docstring)",
     )
     add("--scale-hold-s", type=float, default=None, help="scale mode hold (default 60)")
-    add(
-        "--scale-report-s",
-        type=float,
-        default=None,
-        help="scale mode: each terminal also sends a 0x0200 every this many seconds, one "
-        "frame per write (default 30: 100,000 terminals = 3,333 positions/s; 0: heartbeats "
-        "only)",
-    )
     options = parser.parse_args(argv)
     quick = options.quick
     defaults = {
@@ -946,7 +922,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "scale_online_timeout_s": 20.0 if quick else 180.0,
         "scale_rate": 750.0 if quick else 1000.0,
         "scale_hold_s": 5.0 if quick else 60.0,
-        "scale_report_s": 3.0 if quick else 30.0,
     }
     for key, value in defaults.items():
         if getattr(options, key) is None:

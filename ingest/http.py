@@ -25,8 +25,12 @@ operators' curl need.
   chunked): each event is ``id: <seq>`` and ``data: <alert JSON>``.  Query parameters ``unit``,
   ``rule``, ``state`` and ``severity`` select events (exact match); the stream resumes after
   the ``Last-Event-ID`` header or ``?after=SEQ`` (``after=0``: everything the feed still holds),
-  else it starts with the next event.  A comment line every :data:`HEARTBEAT_S` keeps proxies
-  from closing an idle stream.  At most :data:`MAX_STREAMS` streams run at once (more are
+  else it starts with the next event.  A ``rule`` or ``state`` the feed's
+  :class:`~ingest.interfaces.AlertVocabulary` does not know is answered 400 ``{"error":
+  "bad_request", "detail", "parameter", "value", "valid": [...]}``.  A comment line goes out
+  whenever :data:`HEARTBEAT_S` pass without a write, however the feed waits, so proxies and
+  ``jt808 alerts tail`` do not take an idle stream for a dead one.  At most
+  :data:`MAX_STREAMS` streams run at once (more are
   answered 503); a client that does not take an event within :data:`REQUEST_TIMEOUT_S` is
   disconnected (nothing is buffered for it beyond the socket's own buffer).  404 when the node
   runs no alert feed.  When the feed cannot answer (its database is down) a new stream is
@@ -89,9 +93,11 @@ from ingest.commands import CommandError
 from ingest.interfaces import (
     AlertFeed,
     AlertFilter,
+    AlertVocabulary,
     MasterDataAdmin,
     MasterDataRejected,
     ServiceUnavailableError,
+    UnknownAlertValueError,
 )
 from ingest.metrics import Metrics
 
@@ -137,8 +143,9 @@ MAX_MASTERDATA_BODY_BYTES = 16 * 1024 * 1024
 # 8 levels); 64 is eight times that, and far inside Python's recursion limit (1,000 frames)
 # that the JSON decoder and the code walking the document spend a few of per level.
 MAX_JSON_DEPTH = 64
-# A comment line on an idle stream this often: common proxies close a response idle for 60 s
-# (nginx ``proxy_read_timeout``), and the client's read timeout can be a few of these.
+# A comment line on a stream this long after its last write: common proxies close a response
+# idle for 60 s (nginx ``proxy_read_timeout``), and ``jt808 alerts tail`` reads with a timeout
+# of three of these.
 HEARTBEAT_S = 15.0
 # Events read from the feed per round: bounds one round's memory, ~100 KB of JSON.
 STREAM_BATCH = 100
@@ -201,6 +208,7 @@ class OperatorHttp:
     older ``healthy`` flag when both are given; with neither, ``/healthz`` answers ok while the
     port serves.  ``metrics`` (optional) receives ``jt808_http_requests{status}`` for every
     answer and ``jt808_contained_errors{where="http"}`` for every error contained.
+    ``heartbeat_s`` is the alert streams' heartbeat interval (tests shorten it).
     """
 
     def __init__(
@@ -216,7 +224,10 @@ class OperatorHttp:
         alerts: AlertFeed | None = None,
         masterdata: MasterDataAdmin | None = None,
         metrics: Metrics | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
+        if not heartbeat_s > 0:
+            raise ValueError(f"heartbeat_s must be positive, got {heartbeat_s}")
         self.host = host
         self.port = port
         self.registry = registry
@@ -227,6 +238,7 @@ class OperatorHttp:
         self.alerts = alerts
         self.masterdata = masterdata
         self.metrics = metrics
+        self.heartbeat_s = heartbeat_s
         self._open: set[_Exchange] = set()
         # The connections still reading their head, oldest first (dicts keep insertion order):
         # the ones a new connection may take the place of.
@@ -509,7 +521,10 @@ class OperatorHttp:
         self, exchange: _Exchange, request: h11.Request, feed: AlertFeed
     ) -> None:
         try:
-            filters, after = _stream_params(request)
+            filters, after = _stream_params(request, feed.vocabulary)
+        except UnknownAlertValueError as exc:
+            await self._reply(exchange, _unknown_value(exc))
+            return
         except ValueError as exc:
             await self._reply(exchange, _error(400, "bad_request", str(exc)))
             return
@@ -524,13 +539,19 @@ class OperatorHttp:
             # The client says nothing after its request: end of input means it left, and its
             # stream slot is freed at once instead of at the next heartbeat.
             nursery.start_soon(_until_closed, exchange.stream, nursery.cancel_scope)
-            await self._send_events(exchange, feed, filters, cursor)
+            await self._send_events(exchange, feed, filters, cursor, nursery)
             nursery.cancel_scope.cancel()
 
     async def _send_events(
-        self, exchange: _Exchange, feed: AlertFeed, filters: AlertFilter, cursor: int
+        self,
+        exchange: _Exchange,
+        feed: AlertFeed,
+        filters: AlertFilter,
+        cursor: int,
+        nursery: trio.Nursery,
     ) -> None:
-        conn, stream = exchange.conn, exchange.stream
+        """The 200 and the events; heartbeats from a task started in ``nursery``, which is
+        cancelled when they find the client too slow."""
         headers = [
             ("content-type", EVENT_STREAM),
             ("cache-control", "no-cache"),
@@ -538,26 +559,73 @@ class OperatorHttp:
             ("connection", "close"),
         ]
         # No content-length: h11 sends the body chunked (or until close to an HTTP/1.0 client).
-        head = conn.send(h11.Response(status_code=200, headers=headers)) or b""
+        head = exchange.conn.send(h11.Response(status_code=200, headers=headers)) or b""
         exchange.started = True
         self._count(200)
-        if not await _send(stream, head + _chunk(conn, b": alert stream\n\n")):
+        body = _EventBody(exchange.conn, exchange.stream)
+        if not await body.send(b": alert stream\n\n", head=head):
             return
+        nursery.start_soon(body.heartbeats, self.heartbeat_s, nursery.cancel_scope)
         try:
-            await _stream_events(conn, stream, feed, filters, cursor)
+            await _stream_events(body, feed, filters, cursor)
         except ServiceUnavailableError as exc:
             # Ended rather than retried here: the client resumes with Last-Event-ID when the
             # feed is back, and a stream does not hold its slot through an outage.
             logger.warning("alert stream ended: %s", exc)
-            await _send(stream, conn.send(h11.EndOfMessage()) or b"")
+            await body.end()
+
+
+class _EventBody:
+    """The body of one alert stream's response, written by two tasks (events, heartbeats).
+
+    A socket takes one sender at a time and h11 must frame chunks in the order they are sent,
+    so each write holds the lock.  The time of the last write paces the heartbeats.
+    """
+
+    __slots__ = ("_conn", "_ended", "_lock", "_stream", "last_write")
+
+    def __init__(self, conn: h11.Connection, stream: trio.SocketStream) -> None:
+        self._conn = conn
+        self._stream = stream
+        self._lock = trio.Lock()
+        self._ended = False
+        self.last_write = trio.current_time()
+
+    async def send(self, data: bytes, *, head: bytes = b"") -> bool:
+        """Send ``data`` as one chunk, after ``head`` (the response head) if given; False if
+        the client is too slow to take it (it is then dropped) or the body has ended."""
+        async with self._lock:
+            # A heartbeat handed the lock as the body ends must not write past its end (h11
+            # would raise): taking a lock handed over is no checkpoint, so the cancellation
+            # that follows the end has not reached it yet.
+            if self._ended:
+                return False
+            sent = await _send(self._stream, head + _chunk(self._conn, data))
+            self.last_write = trio.current_time()
+        return sent
+
+    async def end(self) -> None:
+        """End the body (the client sees a complete response)."""
+        async with self._lock:
+            self._ended = True
+            await _send(self._stream, self._conn.send(h11.EndOfMessage()) or b"")
+
+    async def heartbeats(self, interval_s: float, done: trio.CancelScope) -> None:
+        """Send a comment whenever ``interval_s`` pass without a write.  Paced by the clock
+        alone: a feed that polls (and returns after each quiet poll) or one whose events the
+        filters pass over must not hold the heartbeat back.  Cancels ``done`` once the client
+        is too slow to take one."""
+        while True:
+            await trio.sleep_until(self.last_write + interval_s)
+            if trio.current_time() < self.last_write + interval_s:
+                continue  # an event went out meanwhile: the interval starts again from it
+            if not await self.send(b": heartbeat\n\n"):
+                done.cancel()
+                return
 
 
 async def _stream_events(
-    conn: h11.Connection,
-    stream: trio.SocketStream,
-    feed: AlertFeed,
-    filters: AlertFilter,
-    cursor: int,
+    body: _EventBody, feed: AlertFeed, filters: AlertFilter, cursor: int
 ) -> None:
     """Send events after ``cursor`` as they come, until the client is too slow to take one
     (returns) or the feed fails (raises)."""
@@ -565,8 +633,8 @@ async def _stream_events(
         head_seq = await feed.last_seq()
         events = await feed.events_after(cursor, STREAM_BATCH, filters)
         if events:
-            body = b"".join(b"id: %d\ndata: %s\n\n" % (seq, _json(alert)) for seq, alert in events)
-            if not await _send(stream, _chunk(conn, body)):
+            text = b"".join(b"id: %d\ndata: %s\n\n" % (seq, _json(alert)) for seq, alert in events)
+            if not await body.send(text):
                 return
         if len(events) >= STREAM_BATCH:
             cursor = events[-1][0]
@@ -575,10 +643,7 @@ async def _stream_events(
         # they do not wake this stream again.  An event committed after ``head_seq`` was read
         # may have been sent too: never step back behind it (it would be sent twice).
         cursor = max(cursor, head_seq, events[-1][0] if events else 0)
-        with trio.move_on_after(HEARTBEAT_S) as idle:
-            await feed.wait_for_new(cursor)
-        if idle.cancelled_caught and not await _send(stream, _chunk(conn, b": heartbeat\n\n")):
-            return
+        await feed.wait_for_new(cursor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,8 +720,11 @@ def _masterdata_document(path: bytes, document: Any) -> Any:
     return document
 
 
-def _stream_params(request: h11.Request) -> tuple[AlertFilter, int | None]:
-    """Filters and the resume point of an ``/alerts/stream`` request; ValueError if bad."""
+def _stream_params(
+    request: h11.Request, vocabulary: AlertVocabulary
+) -> tuple[AlertFilter, int | None]:
+    """Filters and the resume point of an ``/alerts/stream`` request; ValueError if bad
+    (:class:`UnknownAlertValueError` for a rule or state outside ``vocabulary``)."""
     _, _, query = request.target.partition(b"?")
     params = parse_qs(query.decode("utf-8", "replace"), keep_blank_values=False)
     known = {"unit", "rule", "state", "severity", "after"}
@@ -673,7 +741,9 @@ def _stream_params(request: h11.Request) -> tuple[AlertFilter, int | None]:
         if not _EVENT_ID.fullmatch(after_text):
             raise ValueError(f"event id {after_text[:40]!r} is not a sequence number")
         after = int(after_text)
-    return AlertFilter(**one), after
+    filters = AlertFilter(**one)
+    vocabulary.check(filters)
+    return filters, after
 
 
 # ---------------------------------------------------------------------------------------------
@@ -754,6 +824,18 @@ def _json(value: Any) -> bytes:
 
 def _error(status: int, kind: str, detail: str) -> _Answer:
     return _Answer(status, _json({"error": kind, "detail": detail}))
+
+
+def _unknown_value(exc: UnknownAlertValueError) -> _Answer:
+    """400 naming the filter value no alert carries, and the values that exist."""
+    body = {
+        "error": "bad_request",
+        "detail": str(exc),
+        "parameter": exc.field,
+        "value": exc.value[:200],  # a query value may be up to a head long: echo a prefix
+        "valid": list(exc.valid),
+    }
+    return _Answer(400, _json(body))
 
 
 def _protocol_error(exc: h11.RemoteProtocolError) -> _Answer:

@@ -637,6 +637,41 @@ class AlertFilter:
         )
 
 
+class UnknownAlertValueError(ValueError):
+    """A filter names a rule or state that no alert event carries (the operator port answers
+    400 with ``field``, ``value`` and the ``valid`` values)."""
+
+    def __init__(self, field: str, value: str, valid: Sequence[str]) -> None:
+        self.field = field
+        self.value = value
+        self.valid = tuple(valid)
+        super().__init__(f"unknown {field} {value[:60]!r}; valid: {', '.join(self.valid)}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AlertVocabulary:
+    """The values an alert event's ``rule`` and ``state`` can take, in the order to list them;
+    None where the feed does not know them (then any value is taken, and matches only events
+    that carry it).
+
+    The alert engine owns the lists (``alerts.RULE_NAMES``, ``alerts.AlertState``): this
+    package does not import ``alerts``, so the wiring hands them over with the feed.
+    """
+
+    rules: tuple[str, ...] | None = None
+    states: tuple[str, ...] | None = None
+
+    def check(self, filters: AlertFilter) -> None:
+        """Raise :class:`UnknownAlertValueError` for the first of ``filters.rule`` and
+        ``filters.state`` that is not a known value."""
+        for field, value, valid in (
+            ("rule", filters.rule, self.rules),
+            ("state", filters.state, self.states),
+        ):
+            if value is not None and valid is not None and value not in valid:
+                raise UnknownAlertValueError(field, value, valid)
+
+
 class AlertFeed(Protocol):
     """Alert events numbered by a sequence that only grows (``seq`` > 0).
 
@@ -648,6 +683,12 @@ class AlertFeed(Protocol):
     open one, whose client resumes with Last-Event-ID); it never lets the store's own errors
     out.
     """
+
+    @property
+    def vocabulary(self) -> AlertVocabulary:
+        """The rule and state values its events carry: a stream filtering on any other value
+        is answered 400."""
+        ...
 
     async def last_seq(self) -> int:
         """The newest event's ``seq`` (0 if there is none)."""
@@ -661,8 +702,11 @@ class AlertFeed(Protocol):
         ...
 
     async def wait_for_new(self, after_seq: int) -> None:
-        """Return once an event newer than ``after_seq`` may exist (spurious returns are
-        allowed).  Must honour cancellation promptly: the caller bounds it with a timeout."""
+        """Return once an event newer than ``after_seq`` may exist.  It may wait as long as
+        nothing is new: the stream's heartbeats are sent by a task of their own, paced by the
+        time since the last write, not by this returning.  Spurious returns are allowed, though
+        each costs the stream a round of queries.  Must honour cancellation promptly: a stream
+        is cancelled when its client leaves."""
         ...
 
 
@@ -678,9 +722,13 @@ class InMemoryAlertFeed:
     # far more than a reconnecting ``alerts tail`` needs to catch up.
     MAX_EVENTS = 10_000
 
-    def __init__(self, *, max_events: int = MAX_EVENTS) -> None:
+    def __init__(
+        self, *, max_events: int = MAX_EVENTS, vocabulary: AlertVocabulary | None = None
+    ) -> None:
         if max_events < 1:
             raise ValueError("max_events must be at least 1")
+        # Unknown by default: whoever publishes decides what rules exist.
+        self.vocabulary = vocabulary if vocabulary is not None else AlertVocabulary()
         self._events: collections.deque[tuple[int, dict[str, Any]]] = collections.deque(
             maxlen=max_events
         )
@@ -715,6 +763,8 @@ class InMemoryAlertFeed:
         return out
 
     async def wait_for_new(self, after_seq: int) -> None:
+        # Returns at every publish, even of events a stream's filters pass over; the stream's
+        # heartbeat does not depend on how often this returns.
         if self._seq > after_seq:
             await trio.lowlevel.checkpoint()
             return

@@ -259,7 +259,7 @@ def test_alerts_tail_reconnects_with_the_last_event_id(monkeypatch: pytest.Monke
         [("8", json.dumps(alert(8)))],
     ]
 
-    def fake_events(url: str, last_id: str | None) -> Any:
+    def fake_events(url: str, last_id: str | None, *, timeout_s: float) -> Any:
         seen.append(last_id)
         if not streams:
             raise OSError("gone")

@@ -28,6 +28,7 @@ from ingest import (
     Server,
     ServerConfig,
 )
+from ingest.interfaces import AlertVocabulary
 from storage import migrate
 from storage.alerts import AlertRepository
 from storage.masterdata import (
@@ -376,6 +377,7 @@ class StaleHeadFeed:
         self.events: list[tuple[int, dict[str, Any]]] = []
         self.head = 0
         self.new = trio.Event()
+        self.vocabulary = AlertVocabulary()
 
     def publish(self, alert: dict[str, Any]) -> None:
         self.events.append((len(self.events) + 1, alert))

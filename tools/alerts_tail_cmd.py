@@ -28,7 +28,11 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
 DEFAULT_HTTP = "http://127.0.0.1:9808"
-# The node sends a heartbeat comment every 15 s: three missed ones mean the connection is dead.
+# The node writes at least every 15 s (a heartbeat comment 15 s after its last write,
+# ``ingest.http.HEARTBEAT_S``), so this is the longest a live stream goes without a byte; three
+# missed heartbeats mean the connection is dead, and a proxy or a busy node delaying one or two
+# does not make a quiet platform look like a dead one.  (A timeout per socket read: urllib
+# applies it to every receive, not to the whole response.)
 READ_TIMEOUT_S = 45.0
 # Reconnect after 1 s, doubling up to 30 s while the node stays unreachable.
 RETRY_FIRST_S = 1.0
@@ -60,8 +64,10 @@ def run_tail(
     *,
     out: IO[str] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    read_timeout_s: float = READ_TIMEOUT_S,
 ) -> int:
-    """Follow the stream; returns the exit code."""
+    """Follow the stream; returns the exit code.  ``read_timeout_s``: the longest silence
+    taken from a connected node before reconnecting (tests shorten it with the heartbeat)."""
     out = out if out is not None else sys.stdout
     if args.count is not None and args.count < 1:
         logger.error("--count must be at least 1")
@@ -80,7 +86,7 @@ def run_tail(
     try:
         while True:
             try:
-                for event_id, data in _events(url, last_id):
+                for event_id, data in _events(url, last_id, timeout_s=read_timeout_s):
                     last_id = event_id or last_id
                     delay = RETRY_FIRST_S
                     out.write(_render(data, as_json=args.json) + "\n")
@@ -103,14 +109,16 @@ def run_tail(
         return EXIT_INTERRUPTED
 
 
-def _events(url: str, last_id: str | None) -> Iterator[tuple[str | None, str]]:
+def _events(
+    url: str, last_id: str | None, *, timeout_s: float = READ_TIMEOUT_S
+) -> Iterator[tuple[str | None, str]]:
     """(id, data) of each event of one connection (server-sent events framing: fields up to a
     blank line; comment lines start with a colon)."""
     headers = {"Accept": "text/event-stream"}
     if last_id is not None:
         headers["Last-Event-ID"] = last_id
     request = urllib.request.Request(url, headers=headers)  # noqa: S310 - the operator's URL
-    with urllib.request.urlopen(request, timeout=READ_TIMEOUT_S) as response:  # noqa: S310
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
         event_id: str | None = None
         data: list[str] = []
         while True:

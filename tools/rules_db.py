@@ -32,13 +32,22 @@ from typing import Any, TypeVar
 import psycopg
 import trio
 
-from alerts import Filing, Registry, RuleConfigError, RulesConfig, SealingPeriod, WorkingCalendar
+from alerts import (
+    RULE_NAMES,
+    AlertState,
+    Filing,
+    Registry,
+    RuleConfigError,
+    RulesConfig,
+    SealingPeriod,
+    WorkingCalendar,
+)
 from alerts.engine import TripRecord
 from geofence import Fence
 from geofence.errors import GeoJSONError
 from geofence.geojson import fences_from_geojson, fences_to_geojson
 from ingest import AlertFilter, MasterDataRejected
-from ingest.interfaces import ServiceUnavailableError
+from ingest.interfaces import AlertVocabulary, ServiceUnavailableError
 from storage import masterdata
 from storage.alerts import AlertRepository
 from storage.errors import DatabaseUnavailableError
@@ -59,6 +68,10 @@ FILINGS_LOOKBACK = timedelta(days=35)
 # How often a waiting stream looks for new events in the log.  A log query is an index lookup
 # of max(seq); twice a second keeps the stream's delay well under a person's notice.
 FEED_POLL_S = 0.5
+
+# The rules and states the engine's alerts carry, so the operator port refuses a stream filter
+# that could never match (the engine's own lists, never a copy).
+ALERT_VOCABULARY = AlertVocabulary(rules=RULE_NAMES, states=tuple(s.value for s in AlertState))
 
 # Master-data requests at once, each on a connection of its own: writes serialise on the
 # version row anyway (migration 5), and reads are small; two leave the pool for the rest.
@@ -82,8 +95,10 @@ class DatabaseMasterData:
         with psycopg.connect(self._dsn) as conn:
             return masterdata.masterdata_version(conn)
 
-    def load(self) -> tuple[Registry, Sequence[Fence], Sequence[Filing]]:
-        since = self._wall_clock() - FILINGS_LOOKBACK
+    def load(
+        self, filings_since: datetime | None = None
+    ) -> tuple[Registry, Sequence[Fence], Sequence[Filing]]:
+        since = filings_since or self._wall_clock() - FILINGS_LOOKBACK
         with psycopg.connect(self._dsn) as conn:
             registry = registry_from_rows(masterdata.load_registry_rows(conn))
             fences = fences_from_rows(masterdata.load_fence_rows(conn))
@@ -102,6 +117,7 @@ class DatabaseAlertFeed:
     def __init__(self, dsn: str) -> None:
         self._repository = AlertRepository(dsn)
         self._limiter = trio.CapacityLimiter(1)
+        self.vocabulary = ALERT_VOCABULARY
 
     async def _query(self, query: Callable[[], _T]) -> _T:
         try:
@@ -128,8 +144,10 @@ class DatabaseAlertFeed:
         return await self._query(query)
 
     async def wait_for_new(self, after_seq: int) -> None:
-        # Spurious returns are allowed: the stream asks the log again after each one.
-        if await self.last_seq() <= after_seq:
+        # Polls until the log has moved rather than returning after each quiet poll: every
+        # return costs the stream two more queries (its head and the events after its cursor).
+        # A poll, not an Event: the news is in the database, which only a query can ask.
+        while await self.last_seq() <= after_seq:  # noqa: ASYNC110
             await trio.sleep(FEED_POLL_S)
 
     def close(self) -> None:
