@@ -82,6 +82,24 @@ _DAY_S = 86400
 _VEHICLE_SHIFT = 1 << 33  # sort keys: vehicle * 2**33 + POSIX seconds (good until 2242)
 _NONE = -1
 
+# The judged per-vehicle state and its value for a vehicle nothing is known of: (attribute,
+# value).  RuleEngine._alloc grows these; RuleEngine._reset forgets them for some vehicles.
+_FRESH_STATE: tuple[tuple[str, Any], ...] = (
+    ("last_t", _NONE),  # device time of the last evaluated row
+    ("max_t", _NONE),  # latest device time received (hold_s)
+    ("last_acc", False),
+    ("oa_state", 0),  # out_of_area debounce
+    ("oa_sign", 0),
+    ("oa_len", 0),
+    ("oa_transit", _NONE),  # start of a filed transit stretch
+    ("os_since", _NONE),  # start of the current overspeed run
+    ("tamper_bits", 0),
+    ("park_near_last", True),  # last fix near its parking
+    ("away", _NONE),  # filing a vehicle left under, until back home
+    ("home_last", True),
+    ("sealed_trip", _NONE),  # trip already judged sealed
+)
+
 # Held rows (``hold_s``) are capped: past this many the oldest are evaluated anyway.  A
 # million rows is 50 minutes of a 10,000-vehicle fleet reporting every 30 s, about 60 MB.
 _MAX_HELD_ROWS = 1_000_000
@@ -136,6 +154,7 @@ class EngineResult:
     trips_ended: list[TripRecord]
     evaluated: int = 0  # rows judged
     late: int = 0  # rows not newer than their vehicle's last judged row (skipped)
+    rejudged: int = 0  # vehicles judged again from an earlier time (RuleEngine.rejudge)
     ignored: int = 0  # unknown or exempt vehicles, no device time
     held: int = 0  # rows waiting in the hold_s window
 
@@ -279,8 +298,13 @@ class RuleEngine:
         self._episodes: dict[tuple[str, int, int], str] = {}
         self._keys: dict[tuple[str, int], set[int]] = {}
         self._held: dict[str, npt.NDArray[Any]] | None = None
+        # Ids of the vehicles this engine judges when several engines share the fleet (each
+        # alert's clock- and filing-driven changes are then made by its vehicle's engine
+        # only); None: every vehicle.
+        self.judged_ids: set[int] | None = None
         self._n = 0
         self.last_t: I64 = np.zeros(0, dtype=np.int64)
+        self.last_heard: I64 = np.zeros(0, dtype=np.int64)  # receipt time of the latest row
         self.max_t: I64 = np.zeros(0, dtype=np.int64)
         self.last_acc: Bools = np.zeros(0, dtype=bool)
         self.oa_state: I8 = np.zeros(0, dtype=np.int8)
@@ -311,20 +335,180 @@ class RuleEngine:
         def grow(old: npt.NDArray[Any], fill: Any) -> npt.NDArray[Any]:
             return np.concatenate([old, np.full(extra, fill, dtype=old.dtype)])
 
-        self.last_t = grow(self.last_t, _NONE)  # device time of the last evaluated row
-        self.max_t = grow(self.max_t, _NONE)  # latest device time received (hold_s)
-        self.last_acc = grow(self.last_acc, fill=False)
-        self.oa_state = grow(self.oa_state, 0)  # out_of_area debounce
-        self.oa_sign = grow(self.oa_sign, 0)
-        self.oa_len = grow(self.oa_len, 0)
-        self.oa_transit = grow(self.oa_transit, _NONE)  # start of a filed transit stretch
-        self.os_since = grow(self.os_since, _NONE)  # start of the current overspeed run
-        self.tamper_bits = grow(self.tamper_bits, 0)
-        self.park_near_last = grow(self.park_near_last, fill=True)  # last fix near its parking
-        self.away = grow(self.away, _NONE)  # filing a vehicle left under, until back home
-        self.home_last = grow(self.home_last, fill=True)
-        self.sealed_trip = grow(self.sealed_trip, _NONE)  # trip already judged sealed
+        for name, fill in _FRESH_STATE:
+            setattr(self, name, grow(getattr(self, name), fill))
+        self.last_heard = grow(self.last_heard, _NONE)
         self._n = n
+
+    def _reset(self, vehicles: I64) -> None:
+        """Forget what was judged of ``vehicles`` (state, trips in progress, fence states,
+        open episodes); when they were last heard is kept."""
+        for name, fill in _FRESH_STATE:
+            getattr(self, name)[vehicles] = fill
+        self.trips.reset(vehicles)
+        self.tracker.forget(vehicles)
+        chosen = set(vehicles.tolist())
+        for key in [k for k in self._episodes if k[1] in chosen]:
+            del self._episodes[key]
+        for rule_key in [k for k in self._keys if k[1] in chosen]:
+            del self._keys[rule_key]
+        if self._held is not None:
+            keep = ~np.isin(self._held["vehicle"], vehicles)
+            self._held = {k: a[keep] for k, a in self._held.items()}
+
+    def export_state(self, vehicles: I64) -> dict[str, npt.NDArray[Any]]:
+        """What is judged of ``vehicles`` (registry indices), as arrays keyed by vehicle id so
+        that another engine (or this one after a restart) takes it back with
+        :meth:`import_state` and continues exactly where this one stopped."""
+        vehicles = np.asarray(vehicles, dtype=np.int64)
+        ids = np.array([self.registry[i].id for i in vehicles.tolist()], dtype=np.int64)
+        out: dict[str, npt.NDArray[Any]] = {"vehicle_id": ids}
+        for name, _ in _FRESH_STATE:
+            out[name] = getattr(self, name)[vehicles]
+        out["last_heard"] = self.last_heard[vehicles]
+        for name, value in self.trips.state_of(vehicles).items():
+            out[f"trip_{name}"] = value
+        pairs = self.tracker.pairs_of(vehicles)
+        fence_ids = np.array([f.id for f in self.index.fences], dtype=np.int64)
+        out["fence_vehicle_id"] = np.array(
+            [self.registry[i].id for i in pairs.pop("object").tolist()], dtype=np.int64
+        )
+        out["fence_id"] = fence_ids[pairs.pop("fence")]
+        for name, value in pairs.items():
+            out[f"fence_{name}"] = value
+        chosen = set(vehicles.tolist())
+        episodes = [(k, v) for k, v in self._episodes.items() if k[1] in chosen]
+        out["episode_vehicle_id"] = np.array(
+            [self.registry[k[1]].id for k, _ in episodes], dtype=np.int64
+        )
+        out["episode_rule"] = np.array([k[0] for k, _ in episodes], dtype=str)
+        out["episode_key"] = np.array([k[2] for k, _ in episodes], dtype=np.int64)
+        out["episode_id"] = np.array([v for _, v in episodes], dtype=str)
+        return out
+
+    def import_state(self, state: Mapping[str, npt.NDArray[Any]]) -> I64:
+        """Take back what :meth:`export_state` gave (vehicles no longer registered are left
+        out); returns the registry indices restored."""
+        index_of = self.registry.index_of_id
+        ids = state["vehicle_id"].tolist()
+        rows = np.array([i for i, vid in enumerate(ids) if vid in index_of], dtype=np.int64)
+        vehicles = np.array([index_of[ids[i]] for i in rows.tolist()], dtype=np.int64)
+        self._reset(vehicles)
+        for name, _ in _FRESH_STATE:
+            getattr(self, name)[vehicles] = state[name][rows]
+        self.last_heard[vehicles] = np.maximum(self.last_heard[vehicles], state["last_heard"][rows])
+        self.trips.restore(
+            vehicles, {k[5:]: v[rows] for k, v in state.items() if k.startswith("trip_")}
+        )
+        fence_at = self.index.position_of_id
+        pair_ids = state["fence_vehicle_id"].tolist()
+        fence_ids = state["fence_id"].tolist()
+        keep = [
+            vid in index_of and fid in fence_at
+            for vid, fid in zip(pair_ids, fence_ids, strict=True)
+        ]
+        if any(keep):
+            mask = np.array(keep, dtype=bool)
+            self.tracker.restore(
+                {
+                    "object": np.array(
+                        [index_of[v] for v, k in zip(pair_ids, keep, strict=True) if k],
+                        dtype=np.int64,
+                    ),
+                    "fence": np.array(
+                        [fence_at[f] for f, k in zip(fence_ids, keep, strict=True) if k],
+                        dtype=np.int64,
+                    ),
+                    **{
+                        name: state[f"fence_{name}"][mask]
+                        for name in ("state", "run_sign", "run_len", "since")
+                    },
+                }
+            )
+        for vid, rule, key, alert_id in zip(
+            state["episode_vehicle_id"].tolist(),
+            state["episode_rule"].tolist(),
+            state["episode_key"].tolist(),
+            state["episode_id"].tolist(),
+            strict=True,
+        ):
+            index = index_of.get(vid)
+            if index is not None:
+                self._episodes[(rule, index, key)] = alert_id
+                self._keys.setdefault((rule, index), set()).add(key)
+        return vehicles
+
+    def reapply_filings(self, vehicle_ids: Iterable[int]) -> EngineResult:
+        """Apply the known filings of these vehicles to their alerts again (an engine taking
+        vehicles over catches up with filings that came while nobody judged them)."""
+        changed: list[Alert] = []
+        for vehicle_id in vehicle_ids:
+            for filing in self._filings_of.get(vehicle_id, ()):
+                changed.extend(self.lifecycle.add_filing(filing))
+        return EngineResult(alerts=_ordered(changed), trips_started=[], trips_ended=[])
+
+    def forget(self, vehicles: I64) -> None:
+        """Stop judging ``vehicles`` (another engine took them): their state is dropped."""
+        self._reset(np.asarray(vehicles, dtype=np.int64))
+
+    def rejudge(
+        self,
+        vehicles: Sequence[int],
+        since: datetime | int,
+        batch: PositionBatch,
+        *,
+        until: datetime | int | None = None,
+    ) -> EngineResult:
+        """Judge ``vehicles`` again from ``since`` on, over ``batch``: every stored position of
+        theirs from ``since`` up to now, late arrivals included (a blind-area upload, a spool
+        replay, a re-run of a past period).
+
+        Their state is forgotten and rebuilt from ``batch``; episodes opened before ``since``
+        are resumed from the store (they go on), those opened since are found again (ids are
+        deterministic, so an alert judged before is not duplicated) and an open episode the
+        new judgement no longer finds is closed as superseded.  Rows of other vehicles in
+        ``batch`` are ignored.  ``until`` (a re-run of a past period) ends the period: rows
+        from then on are ignored and alerts opened from then on are left alone.
+        """
+        since_s = posix(since)
+        until_s = None if until is None else posix(until)
+        chosen = np.unique(np.asarray(vehicles, dtype=np.int64))
+        chosen = chosen[(chosen >= 0) & (chosen < self._n)]
+        self._reset(chosen)
+        members = set(chosen.tolist())
+        before: list[Alert] = []
+        for alert in self.store.open_alerts():
+            index = self.registry.index_of_id.get(alert.vehicle)
+            if index in members and posix(alert.opened_at) < since_s:
+                before.append(alert)
+        for alert in before:
+            self._resume_episode(alert)
+        mine = np.isin(batch.vehicle, chosen) & (batch.time >= since_s)
+        if until_s is not None:
+            mine &= batch.time < until_s
+        result = self.process(_subset(batch, mine))
+        found = set(self._episodes.values())
+        superseded: list[Alert] = []
+        for alert in self.store.open_alerts():
+            index = self.registry.index_of_id.get(alert.vehicle)
+            opened = posix(alert.opened_at)
+            if (
+                index in members
+                and alert.id not in found
+                and opened >= since_s
+                and (until_s is None or opened < until_s)
+            ):
+                closed = self.lifecycle.close_episode(
+                    alert.id,
+                    at=posix(alert.opened_at),
+                    state=AlertState.RESOLVED,
+                    detail={"superseded": True},
+                )
+                if closed is not None:
+                    superseded.append(closed)
+        return dataclasses.replace(
+            result, alerts=_ordered([*result.alerts, *superseded]), rejudged=int(chosen.size)
+        )
 
     def set_registry(self, registry: Registry) -> None:
         """Replace the vehicles (append-only: existing indices keep their vehicle)."""
@@ -386,7 +570,8 @@ class RuleEngine:
                 self._filings_of[old.vehicle].remove(old)
             self._filing_map[filing.id] = filing
             self._filings_of.setdefault(filing.vehicle, []).append(filing)
-            changed.extend(self.lifecycle.add_filing(filing))
+            if self.judged_ids is None or filing.vehicle in self.judged_ids:
+                changed.extend(self.lifecycle.add_filing(filing))
         self._filings = None
         return EngineResult(alerts=_ordered(changed), trips_started=[], trips_ended=[])
 
@@ -411,13 +596,16 @@ class RuleEngine:
 
     def _load_open_episodes(self) -> None:
         for alert in self.store.open_alerts():
-            index = self.registry.index_of_id.get(alert.vehicle)
-            if index is None:
-                continue
-            key = int(alert.detail.get("key", 0))
-            self._episodes[(alert.rule, index, key)] = alert.id
-            self._keys.setdefault((alert.rule, index), set()).add(key)
-            self._resume(alert.rule, index, key, alert)
+            self._resume_episode(alert)
+
+    def _resume_episode(self, alert: Alert) -> None:
+        index = self.registry.index_of_id.get(alert.vehicle)
+        if index is None:
+            return
+        key = int(alert.detail.get("key", 0))
+        self._episodes[(alert.rule, index, key)] = alert.id
+        self._keys.setdefault((alert.rule, index), set()).add(key)
+        self._resume(alert.rule, index, key, alert)
 
     def _resume(self, rule: str, index: int, key: int, alert: Alert) -> None:
         """Seed the per-vehicle state an open episode implies, so that a restarted engine
@@ -459,6 +647,7 @@ class RuleEngine:
             "alarm": batch.alarm[usable],
             "mileage": batch.mileage[usable],
         }
+        np.maximum.at(self.last_heard, rows["vehicle"], batch.received[usable])
         if self.hold_s == 0 and self._held is None:
             return self._evaluate(rows, ignored=ignored)
         np.maximum.at(self.max_t, rows["vehicle"], rows["time"])
@@ -494,7 +683,7 @@ class RuleEngine:
             self.home_last[trip.vehicle] = bool(
                 self.park_near_last[trip.vehicle] or not self.has_park[trip.vehicle]
             )
-        alerts.extend(self.lifecycle.tick(now_s))
+        alerts.extend(self.lifecycle.tick(now_s, vehicles=self.judged_ids))
         alerts.extend(self._tick_offline(now_s))
         alerts.extend(self._tick_overdue(now_s))
         trips_ended = [self._trip_record(t) for t in ended]
@@ -671,12 +860,15 @@ class RuleEngine:
         if not cfg.enabled:
             return []
         threshold = np.where(self.last_acc, cfg.silent_s, cfg.parked_silent_s)
-        silent = (self.last_t >= 0) & ~self.exempt & (now - self.last_t > threshold)
+        # Silence is measured from when the terminal was last *heard*: a blind-area upload
+        # reports old device times from a terminal that is very much online.
+        heard = np.maximum(self.last_heard, self.last_t)
+        silent = (self.last_t >= 0) & ~self.exempt & (now - heard > threshold)
         out = []
         for index in np.flatnonzero(silent).tolist():
             if self.episode(TerminalOfflineRule.NAME, index) is not None:
                 continue
-            began = int(self.last_t[index] + threshold[index])
+            began = int(heard[index] + threshold[index])
             alert = self.open_episode(
                 TerminalOfflineRule.NAME,
                 index,
@@ -716,6 +908,12 @@ class RuleEngine:
             if alert is not None:
                 out.append(alert)
         return out
+
+
+def _subset(batch: PositionBatch, rows: Bools) -> PositionBatch:
+    return PositionBatch(
+        **{f.name: getattr(batch, f.name)[rows] for f in dataclasses.fields(batch)}
+    )
 
 
 def _iso(seconds: int) -> str:

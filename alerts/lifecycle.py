@@ -25,7 +25,7 @@ five methods.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -383,14 +383,17 @@ class Lifecycle:
             detail=detail,
         )
 
-    def tick(self, now: datetime | int) -> list[Alert]:
+    def tick(self, now: datetime | int, *, vehicles: Container[int] | None = None) -> list[Alert]:
         """Turn every ``pending_backfill`` alert whose deadline has passed into ``violation``
-        (closed at the deadline).  ``now`` is the caller's clock."""
+        (closed at the deadline).  ``now`` is the caller's clock; ``vehicles`` (ids), when
+        given, limits this to the alerts of those vehicles (an engine judging some of them)."""
         moment = to_datetime(posix(now)) if isinstance(now, int) else now
         changed = []
         for alert in self.store.due(moment):
             deadline = alert.deadline
             if deadline is None or alert.state is not AlertState.PENDING_BACKFILL:
+                continue
+            if vehicles is not None and alert.vehicle not in vehicles:
                 continue
             updated = dataclasses.replace(
                 alert,

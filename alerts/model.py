@@ -115,7 +115,10 @@ class PositionBatch:
     ``vehicle`` is the registry index (-1: not a registered vehicle, ignored); ``time`` the
     device's time as POSIX seconds (``protocol.batch.TIME_ABSENT`` if the report had none);
     ``lon``/``lat`` signed degrees; ``speed_kmh``; ``status`` and ``alarm`` the JT/T 808 bit
-    words (tables 24/25); ``mileage`` item 0x01 in 1/10 km or -1.
+    words (tables 24/25); ``mileage`` item 0x01 in 1/10 km or -1; ``received`` when the
+    platform received the report (POSIX seconds; the device time when not known): a terminal's
+    liveness is judged by when it was last heard, not by the times it reports, which are old
+    in a blind-area upload.
     """
 
     vehicle: I64
@@ -126,6 +129,7 @@ class PositionBatch:
     status: U32
     alarm: U32
     mileage: I64
+    received: I64
 
     def __post_init__(self) -> None:
         n = self.vehicle.size
@@ -149,13 +153,15 @@ class PositionBatch:
         status: npt.ArrayLike,
         alarm: npt.ArrayLike | None = None,
         mileage: npt.ArrayLike | None = None,
+        received: npt.ArrayLike | None = None,
     ) -> PositionBatch:
         """Build from anything array-like, with the dtypes the engine uses."""
         v = np.asarray(vehicle, dtype=np.int64).ravel()
         n = v.size
+        t = np.asarray(time, dtype=np.int64).ravel()
         return cls(
             vehicle=v,
-            time=np.asarray(time, dtype=np.int64).ravel(),
+            time=t,
             lon=np.asarray(lon, dtype=np.float64).ravel(),
             lat=np.asarray(lat, dtype=np.float64).ravel(),
             speed_kmh=np.asarray(speed_kmh, dtype=np.float64).ravel(),
@@ -166,6 +172,7 @@ class PositionBatch:
             mileage=np.full(n, MILEAGE_ABSENT, np.int64)
             if mileage is None
             else np.asarray(mileage, dtype=np.int64).ravel(),
+            received=t.copy() if received is None else np.asarray(received, np.int64).ravel(),
         )
 
     @classmethod
@@ -195,6 +202,7 @@ class PositionBatch:
             status=status,
             alarm=locations["alarm"].astype(np.uint32),
             mileage=locations["mileage"].astype(np.int64),
+            received=time.copy(),
         )
 
 

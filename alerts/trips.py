@@ -131,6 +131,26 @@ class TripFeed:
     ended: list[Trip]
 
 
+# Per-vehicle state of a vehicle nothing is known of: (attribute, value, dtype).
+_FRESH: tuple[tuple[str, float, type], ...] = (
+    ("phase", PARKED, np.int8),
+    ("anchor_lon", np.nan, np.float64),
+    ("anchor_lat", np.nan, np.float64),
+    ("stop_t", -1, np.int64),
+    ("stop_mileage", -1, np.int64),
+    ("seq", 0, np.int64),
+    ("start_t", -1, np.int64),
+    ("start_lon", np.nan, np.float64),
+    ("start_lat", np.nan, np.float64),
+    ("start_mileage", -1, np.int64),
+    ("dist_m", 0.0, np.float64),
+    ("parked_since", -1, np.int64),
+    ("last_lon", np.nan, np.float64),
+    ("last_lat", np.nan, np.float64),
+    ("last_mileage", -1, np.int64),
+)
+
+
 class TripDetector:
     """Per-vehicle trip state for vehicles 0..n-1 (see the module docstring)."""
 
@@ -163,22 +183,27 @@ class TripDetector:
         def grow(arr: npt.NDArray[np.generic], fill: float) -> npt.NDArray[np.generic]:
             return np.concatenate([arr, np.full(extra, fill, dtype=arr.dtype)])
 
-        self.phase = grow(self.phase, PARKED).astype(np.int8)
-        self.anchor_lon = grow(self.anchor_lon, np.nan).astype(np.float64)
-        self.anchor_lat = grow(self.anchor_lat, np.nan).astype(np.float64)
-        self.stop_t = grow(self.stop_t, -1).astype(np.int64)
-        self.stop_mileage = grow(self.stop_mileage, -1).astype(np.int64)
-        self.seq = grow(self.seq, 0).astype(np.int64)
-        self.start_t = grow(self.start_t, -1).astype(np.int64)
-        self.start_lon = grow(self.start_lon, np.nan).astype(np.float64)
-        self.start_lat = grow(self.start_lat, np.nan).astype(np.float64)
-        self.start_mileage = grow(self.start_mileage, -1).astype(np.int64)
-        self.dist_m = grow(self.dist_m, 0.0).astype(np.float64)
-        self.parked_since = grow(self.parked_since, -1).astype(np.int64)
-        self.last_lon = grow(self.last_lon, np.nan).astype(np.float64)
-        self.last_lat = grow(self.last_lat, np.nan).astype(np.float64)
-        self.last_mileage = grow(self.last_mileage, -1).astype(np.int64)
+        for name, fill, dtype in _FRESH:
+            setattr(self, name, grow(getattr(self, name), fill).astype(dtype))
         self.n = n_vehicles
+
+    def state_of(self, vehicles: npt.NDArray[np.int64]) -> dict[str, npt.NDArray[np.generic]]:
+        """The trip state of ``vehicles`` (for :meth:`restore`)."""
+        return {name: getattr(self, name)[vehicles] for name, _, _ in _FRESH}
+
+    def restore(
+        self, vehicles: npt.NDArray[np.int64], state: dict[str, npt.NDArray[np.generic]]
+    ) -> None:
+        """Put back :meth:`state_of` for ``vehicles`` (in the same order)."""
+        for name, _, _ in _FRESH:
+            getattr(self, name)[vehicles] = state[name]
+
+    def reset(self, vehicles: npt.NDArray[np.int64]) -> None:
+        """Forget what is known of ``vehicles`` (parked, place unknown), as for a new vehicle;
+        their trip numbers go on."""
+        for name, fill, _ in _FRESH:
+            if name != "seq":
+                getattr(self, name)[vehicles] = fill
 
     # -----------------------------------------------------------------------------------------
 

@@ -62,6 +62,14 @@ The connection scale mode runs :class:`tools.simulate.Simulator` (what ``jt808 s
 runs) in child processes of this script (``--simulate-child``): it sends heartbeats and
 reconnects after a drop, which the lean generator does not do.
 
+Connection scale with reports (``--scale-report-s``, default 30; 0 skips it): the same
+``--connections`` terminals, now from the lean generator, each reporting every
+``--scale-report-s`` seconds (100,000 terminals = 3,333 positions a second, one frame per
+write) against a server with one worker per 18,000 connections, for ``--scale-hold-s``.
+Reported as a throughput run (``sent == acked == stored``, ack p50/p99 in the steady window)
+plus the server's RSS per connection all-in (``server_rss_total_kb_per_conn``: the workers'
+mean RSS in the steady window / terminals).
+
 Every run is bounded: each child has a deadline after which it is killed, and the script
 stops by itself.  ``--quick`` is a scaled-down run (about a minute).  The last line is one JSON
 object: the best zero-loss throughput run's figures (with ``server_cpu_us_per_position`` and
@@ -236,7 +244,12 @@ class ServerRun:
 
 @contextlib.contextmanager
 def server(
-    dsn: str, workdir: Path, *, workers: int, env: dict[str, str] | None = None
+    dsn: str,
+    workdir: Path,
+    *,
+    workers: int,
+    env: dict[str, str] | None = None,
+    rules: bool = True,
 ) -> Iterator[ServerRun]:
     port, http_port = free_port(), free_port(count=workers)
     log_path = workdir / f"server-w{workers}-{port}.log"
@@ -261,6 +274,7 @@ def server(
                 str(workdir / f"data-{port}"),
                 "--workers",
                 str(workers),
+                *([] if rules else ["--no-rules"]),
             ],
             cwd=_ROOT,
             env=_env(env),
@@ -515,6 +529,7 @@ def scrape(run: ServerRun, workers: int) -> dict[str, float]:
     latency (receipt of a report to its 0x8001 leaving), writer batches, pending work."""
     sums: dict[str, float] = {}
     buckets: dict[float, float] = {}
+    lag_buckets: dict[float, float] = {}
     answered = 0
     for index in range(workers):
         port = run.http_port + index if workers > 1 else run.http_port
@@ -530,12 +545,24 @@ def scrape(run: ServerRun, workers: int) -> dict[str, float]:
                 if name == "jt808_ack_latency_seconds_bucket":
                     edge = float(sample.labels["le"])
                     buckets[edge] = buckets.get(edge, 0.0) + value
+                elif name == "jt808_rules_lag_seconds_bucket":
+                    edge = float(sample.labels["le"])
+                    lag_buckets[edge] = lag_buckets.get(edge, 0.0) + value
                 elif name == "jt808_connections_closed_total":
                     key = "server_closed_" + sample.labels["reason"].replace(" ", "_")
                     sums[key] = sums.get(key, 0.0) + value
                 elif name in _SCRAPED:
                     sums[name] = sums.get(name, 0.0) + value
     out: dict[str, float] = {"workers_answering_metrics": answered}
+    judged_steps = sums.get("jt808_rules_lag_seconds_count", 0.0)
+    if judged_steps:
+        # Rules: positions judged, and the lag (receipt to judgement) of the oldest position
+        # of each judged step: the upper edge of the bucket holding the 99th percentile.
+        out["rules_positions_judged"] = sums.get("jt808_rules_positions_judged_total", 0.0)
+        edge = next(
+            (e for e, n in sorted(lag_buckets.items()) if n >= 0.99 * judged_steps), math.inf
+        )
+        out["rules_lag_p99_s_at_most"] = edge
     count = sums.get("jt808_ack_latency_seconds_count", 0.0)
     if count:
         out["server_ack_mean_ms"] = round(sums["jt808_ack_latency_seconds_sum"] / count * 1e3, 1)
@@ -574,6 +601,8 @@ _SCRAPED = frozenset(
         "jt808_connections_backpressured",
         "jt808_connections_open",
         "jt808_sessions_authenticated",
+        "jt808_rules_lag_seconds_count",
+        "jt808_rules_positions_judged_total",
     }
 )
 
@@ -624,7 +653,7 @@ def throughput(options: argparse.Namespace, base_dsn: str, workers: int) -> dict
     with (
         tempfile.TemporaryDirectory(prefix="jt808-e2e-") as tmp,
         scratch_database(base_dsn) as dsn,
-        server(dsn, Path(tmp), workers=workers) as srv,
+        server(dsn, Path(tmp), workers=workers, rules=options.rules) as srv,
     ):
         config = loadgen.LoadConfig(
             port=srv.port,
@@ -727,6 +756,35 @@ def throughput(options: argparse.Namespace, base_dsn: str, workers: int) -> dict
         f"{out['machine_cpu_pct']}% of {psutil.cpu_count() * 100}% (other processes "
         f"{out['other_cpu_pct']}%); {out['online_when_reports_started']} of "
         f"{options.terminals} terminals online after {out['seconds_until_all_online']} s"
+    )
+    return out
+
+
+def scale_reporting(options: argparse.Namespace, base_dsn: str) -> dict[str, Any]:
+    """``--connections`` terminals each reporting every ``--scale-report-s`` (lean generator)."""
+    connections = options.connections
+    run = argparse.Namespace(**vars(options))
+    run.terminals = connections
+    run.rate = connections / options.scale_report_s
+    run.duration_s = options.scale_hold_s
+    run.warmup_s = None  # one report period + 2 s: every terminal has reported once
+    run.group = run.window = 1
+    run.connect_rate = options.scale_rate
+    run.online_timeout_s = options.scale_online_timeout_s
+    run.loadgen_processes = None
+    workers = max(1, math.ceil(connections / CONNECTIONS_PER_PROCESS))
+    out = throughput(run, base_dsn, workers)
+    rss_mb = out.get("server_rss_mb")
+    out["report_every_s"] = options.scale_report_s
+    out["server_rss_total_kb_per_conn"] = (
+        None if rss_mb is None else round(rss_mb * 1024 / connections, 2)
+    )
+    log(
+        f"scale with reports: {connections} terminals each reporting every "
+        f"{options.scale_report_s:g} s: {out['stored']} stored of {out['sent']} sent "
+        f"({'no loss' if out['lossless'] else 'LOSS'}), ack p99 {out['p99_ack_ms']} ms, "
+        f"server RSS {rss_mb} MB = {out['server_rss_total_kb_per_conn']} KB per connection "
+        f"all-in"
     )
     return out
 
@@ -897,6 +955,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(default 50000,20,100)",
     )
     add("--workers", default=None, help="server worker counts to measure (default 2)")
+    add(
+        "--rules",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the server's rule engines (default on, as jt808 serve does; --no-rules: off)",
+    )
     add("--connections", type=int, default=None, help="scale mode (default 100000)")
     add("--heartbeat-s", type=float, default=None, help="scale mode heartbeat (default 30)")
     add(
@@ -907,6 +971,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "authentication each wait on the database, see the module docstring)",
     )
     add("--scale-hold-s", type=float, default=None, help="scale mode hold (default 60)")
+    add(
+        "--scale-report-s",
+        type=float,
+        default=None,
+        help="scale mode: a second run where every terminal reports every this many seconds, "
+        "one frame per write, from the lean generator (default 30: 100,000 terminals = "
+        "3,333 positions/s; 0: no such run)",
+    )
     options = parser.parse_args(argv)
     quick = options.quick
     defaults = {
@@ -922,6 +994,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "scale_online_timeout_s": 20.0 if quick else 180.0,
         "scale_rate": 750.0 if quick else 1000.0,
         "scale_hold_s": 5.0 if quick else 60.0,
+        "scale_report_s": 3.0 if quick else 30.0,
     }
     for key, value in defaults.items():
         if getattr(options, key) is None:
@@ -976,9 +1049,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             each = {f"runs_{key}": [r[key] for r in tries] for key in RUN_FIGURES}
             runs.append({**ranked[(len(ranked) - 1) // 2], "runs": len(tries), **each})
     scaled = scale(options, options.dsn) if options.mode in ("all", "scale") else None
+    reporting = (
+        scale_reporting(options, options.dsn)
+        if options.mode in ("all", "scale") and options.scale_report_s > 0
+        else None
+    )
     log(
         json.dumps(
-            {"throughput": runs, "every_throughput_run": every_run, "scale": scaled},
+            {
+                "throughput": runs,
+                "every_throughput_run": every_run,
+                "scale": scaled,
+                "scale_reporting": reporting,
+            },
             separators=(",", ":"),
         )
     )
@@ -1007,6 +1090,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     final = {key: best.get(key) if best else None for key in keys}
     final["server_rss_kb_per_conn"] = rss
+    if reporting is not None:
+        final["scale_reporting"] = {
+            key: reporting.get(key)
+            for key in (
+                "terminals",
+                "report_every_s",
+                "sent",
+                "acked",
+                "stored",
+                "lossless",
+                "p99_ack_ms",
+                "server_rss_total_kb_per_conn",
+            )
+        }
     log(f"(run took {time.monotonic() - begun:.0f} s)")
     print(json.dumps(final), flush=True)
     return 0

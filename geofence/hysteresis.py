@@ -20,6 +20,8 @@ States are +1 (inside), -1 (outside) and 0 (unknown: not yet confirmed either wa
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -153,6 +155,46 @@ class FenceTracker:
             order
         ]
         self._since = np.concatenate([self._since[keep], since.astype(np.int64)])[order]
+
+    def pairs_of(self, obj: I64) -> dict[str, npt.NDArray[Any]]:
+        """The held pairs of the given objects (``object, fence, state, run_sign, run_len,
+        since``), to be given back to :meth:`restore`."""
+        mine = np.isin(self._keys // _FENCE_SPAN, obj)
+        keys = self._keys[mine]
+        return {
+            "object": keys // _FENCE_SPAN,
+            "fence": keys % _FENCE_SPAN,
+            "state": self._state[mine],
+            "run_sign": self._run_sign[mine],
+            "run_len": self._run_len[mine],
+            "since": self._since[mine],
+        }
+
+    def restore(self, pairs: Mapping[str, npt.NDArray[Any]]) -> None:
+        """Put back pairs from :meth:`pairs_of` (after :meth:`forget` of their objects)."""
+        keys = pairs["object"].astype(np.int64) * _FENCE_SPAN + pairs["fence"].astype(np.int64)
+        keep = ~np.isin(self._keys, keys)
+        merged = np.concatenate([self._keys[keep], keys])
+        order = np.argsort(merged, kind="stable")
+        self._keys = merged[order]
+        self._state = np.concatenate([self._state[keep], pairs["state"].astype(np.int8)])[order]
+        self._run_sign = np.concatenate([self._run_sign[keep], pairs["run_sign"].astype(np.int8)])[
+            order
+        ]
+        self._run_len = np.concatenate([self._run_len[keep], pairs["run_len"].astype(np.int32)])[
+            order
+        ]
+        self._since = np.concatenate([self._since[keep], pairs["since"].astype(np.int64)])[order]
+
+    def forget(self, obj: I64) -> None:
+        """Drop every pair of the given objects: they start outside every fence again (an
+        object whose history is judged anew)."""
+        keep = ~np.isin(self._keys // _FENCE_SPAN, obj)
+        self._keys = self._keys[keep]
+        self._state = self._state[keep]
+        self._run_sign = self._run_sign[keep]
+        self._run_len = self._run_len[keep]
+        self._since = self._since[keep]
 
     def remap(self, new_position: I64) -> None:
         """Renumber fences after the fence set changed: ``new_position[old]`` is the fence's

@@ -154,9 +154,9 @@ class ServerConfig:
     media_dir: Path | None = None
     # Where the embedded PostgreSQL (no dsn configured) and the default spool keep their files.
     data_dir: Path = Path("jt808-data")
-    # Run the rule engine on the received positions and serve ``GET /alerts/stream``.  Off by
-    # default: with several workers each judges only the vehicles whose connections it holds.
-    rules: bool = False
+    # Run a rule engine (it judges its share of the committed positions, shared with every
+    # other engine on the database) and serve ``GET /alerts/stream``.
+    rules: bool = True
     # TOML file with the rule settings (a table per rule name) and local sealing periods
     # (``[[sealing]]`` with start, end, name); None: the defaults, national calendar only.
     rules_file: Path | None = None
@@ -290,7 +290,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rules",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="run the rule engine and serve /alerts/stream (default off)",
+        help="run a rule engine and serve /alerts/stream (default on; --no-rules: off)",
     )
     parser.add_argument(
         "--rules-file",

@@ -45,6 +45,8 @@ WIRING = {
     "tools/report_cmd.py",
     "tools/rules_service.py",
     "tools/rules_db.py",
+    "tools/rules_consumer.py",
+    "tools/rules_cmd.py",
     "tools/terminal_registry.py",
     "tools/terminals_cmd.py",
 }

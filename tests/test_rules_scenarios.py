@@ -636,7 +636,7 @@ def test_replay_in_one_batch_equals_live_in_small_batches() -> None:
     }
 
 
-_FIELDS = ("vehicle", "time", "lon", "lat", "speed_kmh", "status", "alarm", "mileage")
+_FIELDS = ("vehicle", "time", "lon", "lat", "speed_kmh", "status", "alarm", "mileage", "received")
 
 
 def test_late_rows_are_counted_and_skipped() -> None:

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fences": ("tools.fences_cmd", "geofences: import GeoJSON"),
     "filings": ("tools.filings_cmd", "trip filings and dispatch orders: import CSV"),
     "alerts": ("tools.alerts_cmd", "alerts: list history, tail the live stream"),
+    "rules": ("tools.rules_cmd", "rule engines: run one, judge a past period again"),
     "report": ("tools.report_cmd", "periodic reports: violations per unit and rule"),
 }
 

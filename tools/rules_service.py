@@ -99,9 +99,13 @@ class MasterData(Protocol):
         """A number that changes whenever anything :meth:`load` returns changes."""
         ...
 
-    def load(self) -> tuple[Registry, Sequence[Fence], Sequence[Filing]]:
+    def load(
+        self, filings_since: datetime | None = None
+    ) -> tuple[Registry, Sequence[Fence], Sequence[Filing]]:
         """The current vehicles (in a stable order: new vehicles are appended, so indices
-        keep their vehicle), fences, and the filings that count."""
+        keep their vehicle), fences, and the filings that count: those ending at or after
+        ``filings_since`` (device time of the oldest data to be judged; None: the source's
+        default window)."""
         ...
 
 
@@ -120,7 +124,9 @@ class StaticMasterData:
     def version(self) -> int:
         return self._version
 
-    def load(self) -> tuple[Registry, Sequence[Fence], Sequence[Filing]]:
+    def load(
+        self, filings_since: datetime | None = None
+    ) -> tuple[Registry, Sequence[Fence], Sequence[Filing]]:
         return self._data
 
     def replace(
@@ -337,6 +343,9 @@ class RuleService:
         self.trip_failures = 0  # trip writes that raised (logged, trips not stored)
         self.running = False
         self.dropped = 0  # positions submitted while the service was not running
+        # Filings are loaded from the device time of the oldest data judged so far on (None:
+        # the master-data source's default window); see CommittedRuleService.
+        self.filings_since: datetime | None = None
         self._drained = trio.Event()
         self._phones = _PhoneIndex(Registry(()))
         self._filings: dict[int, Filing] = {}  # what the engine holds, to apply changes only
@@ -461,7 +470,7 @@ class RuleService:
         if self.calendar is None:
             self.calendar = WorkingCalendar()
         version = self.master.version()
-        registry, fences, filings = self.master.load()
+        registry, fences, filings = self.master.load(self.filings_since)
         self._build(registry, fences, filings)
         self.version = version
 
@@ -532,7 +541,7 @@ class RuleService:
             version = self.master.version()
             if version == self.version:
                 return None
-            registry, fences, filings = self.master.load()
+            registry, fences, filings = self.master.load(self.filings_since)
         except Exception:
             logger.exception("rules: master data could not be read; keeping the old")
             return None

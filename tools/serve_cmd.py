@@ -7,15 +7,15 @@ protocols as they are).  Order of shutdown on SIGTERM/SIGINT (house style item 8
 accepting and let connections finish their in-flight acknowledgements (``Server.shutdown``),
 drain the position writer, then stop the operator port and exit 0.
 
-With ``rules = true`` (``--rules``) the positions also go to the rule engine
-(:mod:`tools.rules_service`, through a :class:`~tools.rules_service.TeeSink`; acks still wait
-for storage only), alerts are kept in the database, and the operator port serves
-``GET /alerts/stream`` from the database's alert event log (:mod:`tools.rules_db`).  Master
-data comes from the database; detected trips go to the trips table.  The operator port always
-serves master data (``/vehicles``, ``/fences``, ``/filings``; with rules on, a successful POST
-reloads them before it answers).  On shutdown the positions still queued for the rules are
-evaluated (up to :data:`RULES_DRAIN_S`) after the connections closed and before the writer
-drains.
+The rule engine runs by default (``--no-rules`` turns it off): each worker runs one
+(:mod:`tools.rules_consumer`) judging the committed positions of its share of the vehicles,
+whoever stored them, so with several workers, nodes or ``jt808 rules run`` processes each
+vehicle is still judged by exactly one engine; acknowledgements wait for storage only.  Alerts
+are kept in the database, and the operator port serves ``GET /alerts/stream`` from the
+database's alert event log (:mod:`tools.rules_db`).  Master data comes from the database;
+detected trips go to the trips table.  The operator port always serves master data
+(``/vehicles``, ``/fences``, ``/filings``; with rules on, a successful POST reloads them before
+it answers).  On shutdown the engine saves how far it judged, for its successor.
 """
 
 from __future__ import annotations
@@ -45,17 +45,13 @@ if TYPE_CHECKING:  # the heavy imports happen only when the command runs
     from storage import MediaStore, PositionWriter, Spool
     from storage import writer as storage_writer
     from storage.migrator import SchemaMigrator
+    from tools.rules_consumer import CommittedRuleService
     from tools.rules_db import DatabaseAlertFeed
-    from tools.rules_service import RuleService
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_USAGE = 2
-# The rule queue holds at most ~1,000 batches, evaluated at well over 100,000 positions/s: a
-# few seconds at most.  Past this the rest is left unevaluated rather than holding up exit
-# (the positions themselves are stored; a replay raises their alerts).
-RULES_DRAIN_S = 30.0
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (see serve())
 # How long the first migration attempt may hold up the start: a current schema is checked in
 # milliseconds and a first install takes well under a second; a database that neither answers
@@ -297,6 +293,7 @@ async def serve(
     import trio  # noqa: PLC0415
 
     from ingest import Metrics, PositionSink, Server  # noqa: PLC0415
+    from ingest.server import default_node_id  # noqa: PLC0415
     from ingest.supervise import supervise  # noqa: PLC0415
     from storage import (  # noqa: PLC0415
         MediaStore,
@@ -306,6 +303,7 @@ async def serve(
         Spool,
         TerminalStore,
     )
+    from storage.daily_stats import DailyStatsRefresher  # noqa: PLC0415
     from storage.migrator import SchemaMigrator  # noqa: PLC0415
     from storage.terminal_cache import TerminalCodeCache  # noqa: PLC0415
     from tools.terminal_registry import DatabaseRegistry  # noqa: PLC0415
@@ -314,6 +312,9 @@ async def serve(
     # layer's metrics (batch sizes, store latency, spool) together.
     metrics = Metrics(prometheus_client.REGISTRY if metrics_registry is None else metrics_registry)
     migrator = SchemaMigrator(dsn)
+    # vehicle_daily_stats kept fresh (every node may run one: a refresh another node made
+    # recently is not repeated).
+    daily_stats = DailyStatsRefresher(dsn, ready=migrator.ready)
     spool_dir = config.spool_dir or data_dir / "spool"
     spool = Spool(spool_dir)
     writer = PositionWriter(dsn, spool=spool, schema_ready=migrator.ready)
@@ -328,41 +329,22 @@ async def serve(
     bus = NotifyBus(dsn)
     sink: PositionSink = WriterSink(writer)
     feed: DatabaseAlertFeed | None = None
-    rules: RuleService | None = None
+    rules: CommittedRuleService | None = None
     closing: list[Callable[[], None]] = []
     if config.rules:
-        from storage.alerts import AlertRepository  # noqa: PLC0415
-        from tools.rules_db import (  # noqa: PLC0415
-            DatabaseAlertFeed,
-            DatabaseMasterData,
-            DatabaseTripStore,
-            load_rules_file,
-        )
-        from tools.rules_service import (  # noqa: PLC0415
-            RepositoryAlertStore,
-            RuleService,
-            TeeSink,
-        )
+        from tools.rules_consumer import build_service  # noqa: PLC0415
+        from tools.rules_db import DatabaseAlertFeed  # noqa: PLC0415
 
         # Alerts and their events live in the database (every put appends an event and
         # NOTIFYs), so the stream of any node shows every node's alerts.
         feed = DatabaseAlertFeed(dsn)
-        alert_repository = AlertRepository(dsn)
-        closing.append(alert_repository.close)
-        trips = DatabaseTripStore(dsn)
-        closing.append(trips.close)
-        rules_config, calendar = (
-            load_rules_file(config.rules_file) if config.rules_file else (None, None)
+        rules, closers = build_service(
+            dsn,
+            engine_id=f"{config.node_id or default_node_id()}/rules",
+            rules_file=config.rules_file,
+            metrics_registry=metrics.registry,
         )
-        rules = RuleService(
-            master=DatabaseMasterData(dsn),
-            store=RepositoryAlertStore(alert_repository),
-            trips=trips,
-            publish=None,
-            calendar=calendar,
-            config=rules_config,
-        )
-        sink = TeeSink(sink, rules)
+        closing.extend(closers)
     from tools.rules_db import DatabaseMasterDataAdmin  # noqa: PLC0415
 
     # The dispatch system posts master data to any node; with rules on, a write reloads them
@@ -409,6 +391,7 @@ async def serve(
             with trio.move_on_after(SCHEMA_FIRST_ATTEMPT_S):
                 await migrator.attempted.wait()
             await services.start(supervised("writer", writer.run))
+            await services.start(supervised("daily-stats", daily_stats.run))
             await services.start(supervised("terminal-cache", registry.run))
             if rules is not None:
                 await services.start(
@@ -433,12 +416,6 @@ async def serve(
             if task_status is not None:
                 task_status.started(Running(server=server, http_ports=list(http_ports)))
             await stopped.wait()
-            if rules is not None:
-                # No connection submits any more: evaluate what is still queued.
-                with trio.move_on_after(RULES_DRAIN_S) as drain:
-                    await rules.drain()
-                if drain.cancelled_caught:
-                    logger.warning("rules: queue not drained within %s s", RULES_DRAIN_S)
             # Connections are closed and their acks sent; flush what the writer still holds.
             await writer.drain()
             services.cancel_scope.cancel()
