@@ -447,6 +447,17 @@ class RuleEngine:
                 changed.extend(self.lifecycle.add_filing(filing))
         return EngineResult(alerts=_ordered(changed), trips_started=[], trips_ended=[])
 
+    def resume(self, vehicles: I64) -> None:
+        """Start judging ``vehicles`` afresh but for their episodes open in the store, which
+        go on (vehicles taken over with no saved state: their earlier alerts were raised
+        before the engines kept one)."""
+        chosen = np.asarray(vehicles, dtype=np.int64)
+        self._reset(chosen)
+        ids = {self.registry[i].id for i in chosen.tolist()}
+        for alert in self.store.open_alerts():
+            if alert.vehicle in ids:
+                self._resume_episode(alert)
+
     def forget(self, vehicles: I64) -> None:
         """Stop judging ``vehicles`` (another engine took them): their state is dropped."""
         self._reset(np.asarray(vehicles, dtype=np.int64))

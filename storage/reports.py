@@ -26,7 +26,13 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from storage.errors import StorageError
-from storage.schema import CHINA, MOVING_KMH, REPORT_TZ, TimescaleOptions, current_backend
+from storage.schema import (
+    CHINA,
+    DAILY_FIGURES,
+    REPORT_TZ,
+    TimescaleOptions,
+    current_backend,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -121,15 +127,7 @@ ORDER BY 1
 # Migration 3's definition of the daily figures, to the letter (the numbers must not change),
 # restricted to the days recomputed.
 _FRESH = f"""
-SELECT vehicle_id,
-       date_trunc('day', device_time AT TIME ZONE '{REPORT_TZ}')
-           AT TIME ZONE '{REPORT_TZ}' AS day_start,
-       count(*) AS positions,
-       max(mileage_km) - min(mileage_km) AS distance_km,
-       (60 * count(DISTINCT date_trunc('minute', device_time AT TIME ZONE '{REPORT_TZ}'))
-           FILTER (WHERE speed_kmh >= {MOVING_KMH}))::bigint AS driving_time_s
-FROM positions
-WHERE vehicle_id IS NOT NULL AND ("""  # noqa: S608 - constants only
+{DAILY_FIGURES} AND ("""
 
 # Upsert the recomputed rows (rewriting only those that changed), delete the rows of those days
 # that no longer have positions; count both.  One statement, so both see the same positions.

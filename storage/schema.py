@@ -264,10 +264,9 @@ def _positions(ctx: SchemaContext) -> str:
 # and because a terminal that goes quiet must not accrue driving time.
 
 
-def partitioned_aggregate_sql() -> str:
-    return f"""
-CREATE MATERIALIZED VIEW daily_vehicle_stats_mv AS
-SELECT vehicle_id,
+# The daily figures of every vehicle with positions (the incremental refresh of
+# storage.reports recomputes some days with the same text, so the numbers cannot drift).
+DAILY_FIGURES = f"""SELECT vehicle_id,
        date_trunc('day', device_time AT TIME ZONE '{REPORT_TZ}')
            AT TIME ZONE '{REPORT_TZ}' AS day_start,
        count(*) AS positions,
@@ -275,11 +274,17 @@ SELECT vehicle_id,
        (60 * count(DISTINCT date_trunc('minute', device_time AT TIME ZONE '{REPORT_TZ}'))
            FILTER (WHERE speed_kmh >= {MOVING_KMH}))::bigint AS driving_time_s
 FROM positions
-WHERE vehicle_id IS NOT NULL
+WHERE vehicle_id IS NOT NULL"""  # noqa: S608 - constants only
+
+
+def partitioned_aggregate_sql() -> str:
+    return f"""
+CREATE MATERIALIZED VIEW daily_vehicle_stats_mv AS
+{DAILY_FIGURES}
 GROUP BY 1, 2;
 -- REFRESH ... CONCURRENTLY needs a unique index
 CREATE UNIQUE INDEX daily_vehicle_stats_mv_key ON daily_vehicle_stats_mv (vehicle_id, day_start);
-"""  # noqa: S608 - constants only
+"""
 
 
 def timescale_aggregate_sql() -> list[str]:

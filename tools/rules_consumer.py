@@ -50,6 +50,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from alerts import EngineResult, PositionBatch, Registry
 from protocol.batch import TIME_ABSENT
 from storage import rule_log
+from tools.rules_db import FILINGS_LOOKBACK
 from tools.rules_service import RuleService
 
 logger = logging.getLogger(__name__)
@@ -290,7 +291,9 @@ class CommittedRuleService(RuleService):
         if not times.size or self.engine is None:
             return nothing
         need = datetime.fromtimestamp(int(times.min()), UTC) - FILINGS_MARGIN
-        if self.filings_since is not None and need >= self.filings_since:
+        # Until data older than it comes, what the master data loaded at start covers.
+        loaded = self.filings_since or self.wall_clock() - FILINGS_LOOKBACK
+        if need >= loaded:
             return nothing
         _, _, filings = self.master.load(need)
         self.filings_since = need
@@ -339,7 +342,7 @@ class CommittedRuleService(RuleService):
         if saved is not None and saved[1] is not None:
             engine.import_state(_unpack(saved[1]))
         else:
-            engine.forget(vehicles)
+            engine.resume(vehicles)
         self.parts[part] = saved[0] if saved is not None else 0
         self._refresh_judged()
         logger.info("rules: judging partition %s from transaction %s", part, self.parts[part])

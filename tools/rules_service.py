@@ -364,9 +364,7 @@ class RuleService:
     def submit_nowait(self, records: Sequence[PositionRecord]) -> None:
         """:meth:`submit` when :meth:`has_room` said so (a full queue drops and counts)."""
         if not self.running:
-            if not self.dropped:
-                logger.warning("rule service not running: positions are not evaluated")
-            self.dropped += len(records)
+            self._drop(records)
             return
         try:
             self._send.send_nowait(records)
@@ -378,14 +376,17 @@ class RuleService:
         service is not running -- before it started, or between a failure and its restart --
         so that a failing rule engine never holds up storage and acknowledgements."""
         if not self.running:
-            if not self.dropped:
-                logger.warning("rule service not running: positions are not evaluated")
-            self.dropped += len(records)
+            self._drop(records)
             return
         try:
             await self._send.send(records)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             logger.debug("rule service stopped: %s position(s) not evaluated", len(records))
+
+    def _drop(self, records: Sequence[PositionRecord]) -> None:
+        if not self.dropped:
+            logger.warning("rule service not running: positions are not evaluated")
+        self.dropped += len(records)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load master data, then evaluate until cancelled; reports readiness once loaded.
