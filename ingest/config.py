@@ -41,6 +41,8 @@ RegistrationPolicy = Literal["open", "registry"]
 # One receive reads at most 64 KiB (see ingest.server); the decoder's buffer must hold an
 # unfinished frame plus one such read, so it may never be configured below this sum.
 RECV_CHUNK_BYTES = 64 * 1024
+# Positions storage of a new schema (storage.schema.BackendChoice).
+STORAGE_BACKENDS = ("auto", "timescaledb", "partitioned")
 
 
 class ConfigError(Exception):
@@ -154,6 +156,9 @@ class ServerConfig:
     media_dir: Path | None = None
     # Where the embedded PostgreSQL (no dsn configured) and the default spool keep their files.
     data_dir: Path = Path("jt808-data")
+    # Positions storage of a new schema: auto (TimescaleDB when the extension is installed, or
+    # available and preloaded), timescaledb or partitioned.
+    storage_backend: str = "auto"
     # Run a rule engine (it judges its share of the committed positions, shared with every
     # other engine on the database) and serve ``GET /alerts/stream``.
     rules: bool = True
@@ -176,6 +181,11 @@ class ServerConfig:
 
 def _validate(config: ServerConfig) -> list[str]:
     problems = []
+    if config.storage_backend not in STORAGE_BACKENDS:
+        problems.append(
+            f"storage_backend must be one of {', '.join(STORAGE_BACKENDS)}, "
+            f"got {config.storage_backend!r}"
+        )
     for name in ("port", "http_port"):
         value = getattr(config, name)
         if not 0 <= value <= 0xFFFF:
@@ -258,6 +268,7 @@ _FLAG_FIELDS = {
     "node_id": "node_id",
     "rules": "rules",
     "rules_file": "rules_file",
+    "storage_backend": "storage_backend",
 }
 
 
@@ -265,6 +276,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the server's flags.  Unset flags stay None so weaker sources can fill them."""
     parser.add_argument("--config", metavar="FILE", type=Path, help="TOML configuration file")
     parser.add_argument("--dsn", help="PostgreSQL connection string")
+    parser.add_argument(
+        "--storage-backend",
+        dest="storage_backend",
+        choices=STORAGE_BACKENDS,
+        help="positions storage of a new schema (default auto: TimescaleDB when installed, or "
+        "available and preloaded; else partitions)",
+    )
     parser.add_argument("--host", help="address to listen on for terminals")
     parser.add_argument("--port", type=int, help="TCP port for terminals (default 6808)")
     parser.add_argument("--http-port", type=int, help="operator HTTP port (default 9808)")

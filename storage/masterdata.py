@@ -27,6 +27,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from protocol.phone import canonical_phone
 from storage.errors import StorageError, database_errors
 
 __all__ = [
@@ -65,7 +66,10 @@ CONNECT_TIMEOUT_S = 5
 CHINA = timezone(timedelta(hours=8))
 
 # Terminal phone numbers: 12 BCD digits (2011/2013) or 20 (2019), JT/T 808-2019 table 2.
-_PHONE_RE = re.compile(r"^\d{1,20}$")
+_PHONE_RE = re.compile(r"^[0-9]{1,20}$")
+# Positions are given their vehicle under this advisory lock (class, object): vehicle imports
+# take it exclusively, the position writer shared (see upsert_vehicles).
+LINK_LOCK = "80808, hashtext('jt808 link ' || current_schema())"
 _TRUE = frozenset({"1", "true", "yes", "y", "t"})
 _FALSE = frozenset({"", "0", "false", "no", "n", "f"})
 
@@ -210,8 +214,11 @@ def _vehicle(row: Mapping[str, str]) -> dict[str, Any]:
     if not plate:
         raise _RowError("plate is empty")
     phone = row["phone"] or None
-    if phone is not None and not _PHONE_RE.match(phone):
-        raise _RowError(f"phone must be up to 20 digits, got {phone!r}")
+    if phone is not None:
+        # Decimal digits only, as people write a number (hex digits are a device's quirk).
+        if not _PHONE_RE.match(phone):
+            raise _RowError(f"phone must be up to 20 digits, got {phone!r}")
+        phone = canonical_phone(phone)  # 13800138000 and 00000000013800138000: one terminal
     if not row["unit"]:
         raise _RowError("unit is empty")
     category = row["category"].lower()
@@ -309,10 +316,16 @@ def connect(
 def upsert_vehicles(conn: psycopg.Connection[Any], rows: Sequence[Mapping[str, Any]]) -> int:
     """Insert or update vehicles by plate in one transaction; returns the number of rows.
 
-    A phone already fitted to another plate is a problem (one terminal, one vehicle).
+    A phone already fitted to another plate is a problem (one terminal, one vehicle).  Stored
+    positions of a vehicle's phone that no vehicle claimed yet are given the vehicle (a
+    terminal reporting before its vehicle was imported); positions already given a vehicle
+    keep it (a terminal moved to another vehicle leaves its past on the old one).  The
+    position writer takes :data:`LINK_LOCK` shared while it stores positions of phones it does
+    not know, so those are either seen here or find this vehicle when they are stored.
     """
     problems: list[str] = []
     with conn.transaction():
+        conn.execute(f"SELECT pg_advisory_xact_lock({LINK_LOCK})")
         for row in rows:
             clash = conn.execute(
                 "SELECT plate FROM vehicles WHERE phone = %s AND plate <> %s",
@@ -323,14 +336,19 @@ def upsert_vehicles(conn: psycopg.Connection[Any], rows: Sequence[Mapping[str, A
                     f"vehicle {row['plate']}: phone {row['phone']} is fitted to {clash[0]}"
                 )
                 continue
-            conn.execute(
+            stored = conn.execute(
                 "INSERT INTO vehicles (plate, phone, unit, category, exempt, max_speed_kmh) "
                 "VALUES (%(plate)s, %(phone)s, %(unit)s, %(category)s, %(exempt)s, "
                 "%(max_speed_kmh)s) ON CONFLICT (plate) DO UPDATE SET phone = EXCLUDED.phone, "
                 "unit = EXCLUDED.unit, category = EXCLUDED.category, exempt = EXCLUDED.exempt, "
-                "max_speed_kmh = EXCLUDED.max_speed_kmh, updated_at = now()",
+                "max_speed_kmh = EXCLUDED.max_speed_kmh, updated_at = now() RETURNING id",
                 {"max_speed_kmh": None, **row},
-            )
+            ).fetchone()
+            if stored is not None and row.get("phone"):
+                conn.execute(
+                    "UPDATE positions SET vehicle_id = %s WHERE phone = %s AND vehicle_id IS NULL",
+                    (stored[0], row["phone"]),
+                )
         if problems:
             raise MasterDataError(problems)
     return len(rows)

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 import trio
 
-from storage.schema import migrate
+from storage.schema import BackendChoice, migrate
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,10 @@ class SchemaMigrator:
         *,
         retry_first_s: float = RETRY_FIRST_S,
         retry_max_s: float = RETRY_MAX_S,
+        backend: BackendChoice = "auto",
     ) -> None:
         self._dsn = dsn
+        self._backend: BackendChoice = backend
         self._retry_first_s = retry_first_s
         self._retry_max_s = retry_max_s
         self.ready = trio.Event()
@@ -89,4 +91,4 @@ class SchemaMigrator:
     def _migrate(self) -> list[int]:
         conn: psycopg.Connection[Any]
         with psycopg.connect(self._dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
-            return migrate(conn)
+            return migrate(conn, backend=self._backend)

@@ -30,6 +30,7 @@ import psycopg
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
+from storage.masterdata import LINK_LOCK
 from storage.rows import COLUMN_NAMES, COLUMN_TYPES, NATURAL_KEY, PositionRow
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ COPY_STAGE = f"COPY {_STAGE} ({_COLS}) FROM STDIN (FORMAT BINARY)"
 _SELECT_STAGED = ", ".join(
     "coalesce(s.vehicle_id, v.id)" if c == "vehicle_id" else f"s.{c}" for c in COLUMN_NAMES
 )
+# Taken while positions are given vehicles (see storage.masterdata.upsert_vehicles).
+LINK_SHARED = f"SELECT pg_advisory_xact_lock_shared({LINK_LOCK})"
 INSERT_STAGED = (
     f"INSERT INTO positions ({_COLS}) SELECT {_SELECT_STAGED} FROM {_STAGE} s "  # noqa: S608
     "LEFT JOIN vehicles v ON v.phone = s.phone "
@@ -109,6 +112,10 @@ class PgPositionStore:
         self._lock = threading.Lock()
         self._busy = False
         self._abandoned = False
+        # The vehicles as of master-data version _vehicles_version, read when a batch holds a
+        # phone the writer's map does not know (see _vehicles_for).
+        self._vehicles: dict[str, int] = {}
+        self._vehicles_version: int | None = None
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -193,21 +200,44 @@ class PgPositionStore:
         if not staging:
             try:
                 with conn.transaction(), conn.cursor() as cur:
-                    self._copy_rows(cur, COPY_DIRECT, rows, vehicles or {})
+                    known = self._vehicles_for(cur, rows, vehicles or {})
+                    self._copy_rows(cur, COPY_DIRECT, rows, known)
             except psycopg.errors.UniqueViolation:
                 pass  # a repeat: the transaction rolled back, redo via staging
             else:
                 return WriteResult(len(rows), len(rows))
         with conn.transaction(), conn.cursor() as cur:
+            cur.execute(LINK_SHARED)  # the staged insert joins vehicles itself
             self._copy_rows(cur, COPY_STAGE, rows, {})
             cur.execute(INSERT_STAGED)
             inserted = cur.rowcount
         return WriteResult(len(rows), inserted, fell_back=not staging)
 
+    def _vehicles_for(
+        self, cur: psycopg.Cursor[Any], rows: Sequence[PositionRow], vehicles: Mapping[str, int]
+    ) -> Mapping[str, int]:
+        """The vehicle map to store ``rows`` with.  ``vehicles`` (the writer's, refreshed now
+        and then) when it knows every phone; otherwise the registry as this transaction sees
+        it, under the link lock taken shared, so that a vehicle imported meanwhile either is
+        seen here or, when its import commits later, links these rows itself
+        (``storage.masterdata.upsert_vehicles``)."""
+        get = vehicles.get
+        if all(row[-1] is not None or get(row[1]) is not None for row in rows):
+            return vehicles
+        cur.execute(LINK_SHARED)
+        row = cur.execute("SELECT version FROM masterdata_state").fetchone()
+        version = None if row is None else int(row[0])
+        if version != self._vehicles_version or version is None:
+            cur.execute("SELECT phone, id FROM vehicles WHERE phone IS NOT NULL")
+            self._vehicles = dict(cur.fetchall())
+            self._vehicles_version = version
+        return self._vehicles
+
     def write_payload(self, payload: bytes) -> WriteResult:
         """Store a binary COPY stream of positions rows (a spool record) via staging."""
         conn = self.connection()
         with conn.transaction(), conn.cursor() as cur:
+            cur.execute(LINK_SHARED)
             with cur.copy(COPY_STAGE) as copy:
                 copy.write(payload)
             staged = cur.rowcount

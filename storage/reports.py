@@ -32,6 +32,7 @@ from storage.schema import (
     REPORT_TZ,
     TimescaleOptions,
     current_backend,
+    timescale_schema,
 )
 
 logger = logging.getLogger(__name__)
@@ -336,11 +337,13 @@ def _refresh_timescale(
         if state.received_to is not None:
             touched = _touched_days(conn, state, state.today_start - TIMESCALE_SEARCH)
             start = timescale_window_start(state.today_start, (s for s, _ in touched))
-        # The daily aggregate is computed from the per-minute one: minutes first.
+        # The daily aggregate is computed from the per-minute one: minutes first.  Called in
+        # the extension's schema, whatever the connection's search_path.
+        ts = timescale_schema(conn)
         for view in ("positions_minute_mv", "daily_vehicle_stats_mv"):
             conn.execute(
-                sql.SQL("CALL refresh_continuous_aggregate({}, {}, {})").format(
-                    sql.Literal(view), sql.Literal(start), sql.Literal(state.today_end)
+                sql.SQL("CALL {}.refresh_continuous_aggregate({}, {}, {})").format(
+                    sql.SQL(ts), sql.Literal(view), sql.Literal(start), sql.Literal(state.today_end)
                 )
             )
         _save_watermark(conn, state)

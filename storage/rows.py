@@ -48,6 +48,7 @@ from protocol.messages.location import (
     RecorderSpeed,
     SignalStrength,
 )
+from protocol.phone import canonical_phone
 
 # (column, PostgreSQL type) in COPY order; PositionRow's fields follow the same order.
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -222,7 +223,7 @@ def position_row(
     lon = location.longitude / 1e6
     return PositionRow(
         device_time,
-        header.phone,
+        canonical_phone(header.phone),  # one identity for 2013 and 2019 headers
         fix_key(location),
         received_at,
         header.msg_id,

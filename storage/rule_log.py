@@ -51,12 +51,17 @@ _SELECT = (
     "extract(epoch FROM received_at)::bigint, lon, lat, speed_kmh, status, alarm, "
     "coalesce(round(mileage_km * 10)::bigint, -1)"
 )
-_PART_OF = f"(right(phone, 4)::int %% {PARTS})"  # (%% : a psycopg placeholder escape)
+# Some devices put hex digits in the BCD phone: those terminals all fall in partition 0.
+# (``%%``: the modulo sign escaped for psycopg's placeholders.)
+_PART_OF = (
+    f"(CASE WHEN right(phone, 4) ~ '^[0-9]+$' THEN right(phone, 4)::int %% {PARTS} ELSE 0 END)"
+)
 
 
 def part_of(phone: str) -> int:
-    """The partition of a terminal phone (digits; its last four decide)."""
-    return int(phone[-4:] or "0") % PARTS
+    """The partition of a terminal phone: its last four digits decide (as ``_PART_OF``)."""
+    last = phone[-4:]
+    return int(last) % PARTS if last.isdigit() and last.isascii() else 0
 
 
 def horizon(conn: psycopg.Connection[Any]) -> int:

@@ -83,6 +83,9 @@ class TimescaleOptions:
 class SchemaContext:
     backend: Backend
     timescale: TimescaleOptions = TimescaleOptions()
+    # The schema holding the TimescaleDB extension's functions (quoted), so that its calls do
+    # not depend on the connection's search_path.
+    timescale_schema: str = "public"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -221,12 +224,13 @@ CREATE INDEX positions_device_time_brin ON positions USING brin (device_time)
 """
 
 
-def timescale_positions_sql(options: TimescaleOptions) -> list[str]:
-    """The statements that make ``positions`` a compressed hypertable with retention."""
+def timescale_positions_sql(options: TimescaleOptions, ts: str = "public") -> list[str]:
+    """The statements that make ``positions`` a compressed hypertable with retention (``ts``:
+    the extension's schema, its functions are called qualified)."""
     statements = [
         f"CREATE TABLE positions ({POSITIONS_COLUMNS_SQL})",
         (
-            "SELECT create_hypertable('positions', 'device_time', chunk_time_interval => "
+            f"SELECT {ts}.create_hypertable('positions', 'device_time', chunk_time_interval => "
             f"{_interval(options.chunk_interval)}, if_not_exists => TRUE)"
         ),
         _NATURAL_KEY_SQL.rstrip(";"),
@@ -236,13 +240,13 @@ def timescale_positions_sql(options: TimescaleOptions) -> list[str]:
             "timescaledb.compress_orderby = 'device_time DESC, fix_key')"
         ),
         (
-            "SELECT add_compression_policy('positions', compress_after => "
+            f"SELECT {ts}.add_compression_policy('positions', compress_after => "
             f"{_interval(options.compress_after)}, if_not_exists => TRUE)"
         ),
     ]
     if options.retain_for is not None:
         statements.append(
-            "SELECT add_retention_policy('positions', drop_after => "
+            f"SELECT {ts}.add_retention_policy('positions', drop_after => "
             f"{_interval(options.retain_for)}, if_not_exists => TRUE)"
         )
     return statements
@@ -250,7 +254,7 @@ def timescale_positions_sql(options: TimescaleOptions) -> list[str]:
 
 def _positions(ctx: SchemaContext) -> str:
     if ctx.backend == "timescaledb":
-        return ";\n".join(timescale_positions_sql(ctx.timescale)) + ";"
+        return ";\n".join(timescale_positions_sql(ctx.timescale, ctx.timescale_schema)) + ";"
     return partitioned_positions_sql()
 
 
@@ -287,11 +291,12 @@ CREATE UNIQUE INDEX daily_vehicle_stats_mv_key ON daily_vehicle_stats_mv (vehicl
 """
 
 
-def timescale_aggregate_sql() -> list[str]:
-    """Continuous aggregates: per-minute, then daily on top of it (hierarchical, TS >= 2.9)."""
+def timescale_aggregate_sql(ts: str = "public") -> list[str]:
+    """Continuous aggregates: per-minute, then daily on top of it (hierarchical, TS >= 2.9);
+    ``ts``: the extension's schema."""
     minute = (
         "CREATE MATERIALIZED VIEW positions_minute_mv WITH (timescaledb.continuous) AS "  # noqa: S608
-        "SELECT vehicle_id, time_bucket(INTERVAL '1 minute', device_time) AS minute, "
+        f"SELECT vehicle_id, {ts}.time_bucket(INTERVAL '1 minute', device_time) AS minute, "
         "count(*) AS positions, "
         f"max(CASE WHEN speed_kmh >= {MOVING_KMH} THEN 1 ELSE 0 END) AS moving, "
         "min(mileage_km) AS min_mileage_km, max(mileage_km) AS max_mileage_km "
@@ -300,7 +305,8 @@ def timescale_aggregate_sql() -> list[str]:
     )
     daily = (
         "CREATE MATERIALIZED VIEW daily_vehicle_stats_mv WITH (timescaledb.continuous) AS "  # noqa: S608
-        f"SELECT vehicle_id, time_bucket(INTERVAL '1 day', minute, '{REPORT_TZ}') AS day_start, "
+        f"SELECT vehicle_id, {ts}.time_bucket(INTERVAL '1 day', minute, '{REPORT_TZ}') "
+        "AS day_start, "
         "sum(positions)::bigint AS positions, "
         "max(max_mileage_km) - min(min_mileage_km) AS distance_km, "
         "(60 * sum(moving))::bigint AS driving_time_s "
@@ -310,12 +316,12 @@ def timescale_aggregate_sql() -> list[str]:
         minute,
         daily,
         (
-            "SELECT add_continuous_aggregate_policy('positions_minute_mv', "
+            f"SELECT {ts}.add_continuous_aggregate_policy('positions_minute_mv', "
             "start_offset => INTERVAL '3 days', end_offset => INTERVAL '1 minute', "
             "schedule_interval => INTERVAL '5 minutes')"
         ),
         (
-            "SELECT add_continuous_aggregate_policy('daily_vehicle_stats_mv', "
+            f"SELECT {ts}.add_continuous_aggregate_policy('daily_vehicle_stats_mv', "
             "start_offset => INTERVAL '3 days', end_offset => INTERVAL '1 hour', "
             "schedule_interval => INTERVAL '1 hour')"
         ),
@@ -356,7 +362,7 @@ CROSS JOIN LATERAL (
 
 def _aggregates(ctx: SchemaContext) -> str:
     if ctx.backend == "timescaledb":
-        body = ";\n".join(timescale_aggregate_sql()) + ";"
+        body = ";\n".join(timescale_aggregate_sql(ctx.timescale_schema)) + ";"
     else:
         body = partitioned_aggregate_sql()
     return body + _REPORT_VIEWS
@@ -466,6 +472,33 @@ def timescale_available(conn: psycopg.Connection[Any]) -> bool:
     return row is not None
 
 
+def timescale_usable(conn: psycopg.Connection[Any]) -> tuple[bool, str]:
+    """Whether TimescaleDB can be used here, and why (or why not), without trying it: a
+    ``CREATE EXTENSION timescaledb`` on a server that does not preload the library ends the
+    session with a FATAL error instead of failing the statement."""
+    if conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone():
+        return True, "the extension is installed in this database"
+    if not timescale_available(conn):
+        return False, "the extension is not installed on this PostgreSQL server"
+    row = conn.execute("SELECT current_setting('shared_preload_libraries', true)").fetchone()
+    libraries = str(row[0] or "") if row is not None else ""
+    preloaded = any(lib.strip().strip('"') == "timescaledb" for lib in libraries.split(","))
+    if not preloaded:
+        return False, "the extension is available but not in shared_preload_libraries"
+    return True, "the extension is available and preloaded"
+
+
+def timescale_schema(conn: psycopg.Connection[Any]) -> str:
+    """The extension's schema, quoted for use in statements."""
+    row = conn.execute(
+        "SELECT quote_ident(n.nspname) FROM pg_extension e "
+        "JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'timescaledb'"
+    ).fetchone()
+    if row is None:
+        raise StorageError("timescaledb is not installed in this database")
+    return str(row[0])
+
+
 def current_backend(conn: psycopg.Connection[Any]) -> Backend | None:
     """The backend recorded by :func:`migrate`, or None before the first migration."""
     if conn.execute("SELECT to_regclass('jt808_settings')").fetchone() == (None,):
@@ -479,26 +512,34 @@ def current_backend(conn: psycopg.Connection[Any]) -> Backend | None:
     return value  # type: ignore[no-any-return]
 
 
-def _choose_backend(conn: psycopg.Connection[Any], choice: BackendChoice) -> Backend:
+def _choose_backend(conn: psycopg.Connection[Any], choice: BackendChoice) -> SchemaContext:
+    """The backend of a new schema (or the recorded one) and, for TimescaleDB, the extension
+    created and its schema.  ``auto`` takes TimescaleDB only when it is installed or available
+    and preloaded; the choice and its reason are logged.  Nothing is recorded here: the first
+    migration's transaction records the backend with it."""
     recorded = current_backend(conn)
     if recorded is not None:
         if choice not in ("auto", recorded):
             raise StorageError(f"schema was created for {recorded}, cannot switch to {choice}")
-        return recorded
-    backend: Backend = "partitioned"
-    if choice == "timescaledb" or (choice == "auto" and timescale_available(conn)):
-        try:
-            with conn.transaction():
-                conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-            backend = "timescaledb"
-        except psycopg.Error as exc:
-            if choice == "timescaledb":
-                raise StorageError(f"timescaledb requested but cannot be loaded: {exc}") from exc
-            logger.warning("timescaledb is available but does not load (%s); using partitions", exc)
-    with conn.transaction():
-        conn.execute("INSERT INTO jt808_settings (key, value) VALUES ('backend', %s)", (backend,))
-    logger.info("positions storage backend: %s", backend)
-    return backend
+        backend: Backend = recorded
+        reason = "recorded when the schema was created"
+    else:
+        usable, why = timescale_usable(conn)
+        if choice == "timescaledb" and not usable:
+            raise StorageError(f"timescaledb requested but not usable: {why}")
+        backend = (
+            "timescaledb"
+            if choice == "timescaledb" or (choice == "auto" and usable)
+            else ("partitioned")
+        )
+        reason = why if choice == "auto" else f"{choice} requested"
+    ts = "public"
+    if backend == "timescaledb":
+        with conn.transaction():
+            conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        ts = timescale_schema(conn)
+    logger.info("positions storage backend: %s (%s)", backend, reason)
+    return SchemaContext(backend=backend, timescale_schema=ts)
 
 
 def migrate(
@@ -533,12 +574,19 @@ def migrate(
             for migration in MIGRATIONS:
                 if migration.version in applied:
                     continue
+                first = ctx is None
                 if ctx is None:
-                    ctx = SchemaContext(
-                        backend=_choose_backend(conn, backend),
-                        timescale=timescale or TimescaleOptions(),
+                    ctx = dataclasses.replace(
+                        _choose_backend(conn, backend), timescale=timescale or TimescaleOptions()
                     )
                 with conn.transaction():
+                    if first and current_backend(conn) is None:
+                        # Recorded with the first migration, or not at all: a failed first
+                        # migration leaves no backend behind that the next attempt would trust.
+                        conn.execute(
+                            "INSERT INTO jt808_settings (key, value) VALUES ('backend', %s)",
+                            (ctx.backend,),
+                        )
                     conn.execute(migration.render(ctx))
                     conn.execute(
                         "INSERT INTO jt808_schema_migrations (version, name) VALUES (%s, %s)",
@@ -933,3 +981,38 @@ def _incremental_stats(ctx: SchemaContext) -> str:
 
 
 MIGRATIONS = (*MIGRATIONS, Migration(8, "daily aggregate kept incrementally", _incremental_stats))
+
+# ---------------------------------------------------------------------------------------------
+# Migration 9: one phone identity (protocol.phone.canonical_phone: the number without its
+# zero padding, padded again to 12 digits when it fits BCD[6], else to 20), for the vehicles
+# and for the positions stored before it, and every position whose phone has a vehicle linked
+# to it.  A 2019 terminal's positions (20-digit header phone) were stored under a phone no
+# vehicle matched.  The function is the same rule in SQL, for the queries of operators.
+
+_PHONE_IDENTITY = """
+CREATE FUNCTION jt808_canonical_phone(phone text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE RETURNS NULL ON NULL INPUT AS $$
+    SELECT CASE WHEN length(ltrim(lower(phone), '0')) <= 12
+                THEN lpad(ltrim(lower(phone), '0'), 12, '0')
+                ELSE lpad(ltrim(lower(phone), '0'), 20, '0') END
+$$;
+-- Only when a phone changes: the statement bumps the master-data version (migration 5).
+DO $$ BEGIN
+    IF EXISTS (SELECT 1 FROM vehicles WHERE phone <> jt808_canonical_phone(phone)) THEN
+        UPDATE vehicles SET phone = jt808_canonical_phone(phone)
+        WHERE phone <> jt808_canonical_phone(phone);
+    END IF;
+END $$;
+-- The same fix stored under both forms (a terminal that changed edition and sent it again):
+-- the long form goes, the other stays.
+DELETE FROM positions a USING positions b
+WHERE a.phone <> jt808_canonical_phone(a.phone)
+  AND b.phone = jt808_canonical_phone(a.phone)
+  AND b.device_time = a.device_time AND b.fix_key = a.fix_key;
+UPDATE positions SET phone = jt808_canonical_phone(phone)
+WHERE phone <> jt808_canonical_phone(phone);
+UPDATE positions p SET vehicle_id = v.id FROM vehicles v
+WHERE p.vehicle_id IS NULL AND v.phone = p.phone;
+"""
+
+MIGRATIONS = (*MIGRATIONS, Migration(9, "one phone identity", _PHONE_IDENTITY))

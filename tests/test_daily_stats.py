@@ -376,7 +376,7 @@ def test_migration_8_keeps_what_the_view_showed(
         shown = conn.execute("SELECT * FROM vehicle_daily_stats").fetchall()
         per_unit = conn.execute("SELECT * FROM unit_category_daily").fetchall()
         assert len(shown) == 1
-        monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS)
+        monkeypatch.setattr(schema, "MIGRATIONS", tuple(m for m in MIGRATIONS if m.version <= 8))
         assert migrate(conn, now=T1, days_ahead=0) == [8]
         kind = conn.execute(
             "SELECT relkind FROM pg_class WHERE oid = 'daily_vehicle_stats_mv'::regclass"
@@ -394,7 +394,6 @@ def test_migration_8_keeps_what_the_view_showed(
 
 def test_migration_8_renders_for_both_backends() -> None:
     migration = next(m for m in MIGRATIONS if m.version == 8)
-    assert migration is MIGRATIONS[-1]
     plain = migration.render(SchemaContext(backend="partitioned"))
     ts = migration.render(SchemaContext(backend="timescaledb"))
     for sql in (plain, ts):

@@ -40,6 +40,7 @@ from protocol.messages.terminal import (
     TerminalRegister,
     TerminalRegisterResponse,
 )
+from protocol.phone import canonical_phone
 from storage import PositionWriter, Spool, TerminalStore, migrate
 from storage.terminal_cache import TerminalCodeCache
 from tests.storage_fixtures import pg_dsn, pg_schema_dsn  # noqa: F401
@@ -529,7 +530,7 @@ def expected_rows(files: Sequence[Path]) -> Counter[tuple[object, ...]]:
                 mileage = next((i for i in fix_.items if i.item_id == 0x01), None)
                 rows[
                     (
-                        event.phone,
+                        canonical_phone(event.phone),  # stored in the one phone identity
                         fix_.time,
                         event.msg_id,
                         event.serial,

@@ -143,7 +143,7 @@ async def test_serve_without_flags_raises_holiday_sealing(db: str, tmp_path: Pat
         await send(app.server.ports[0], phone_of(1), trip(at(3, 9)))
         await wait_for(lambda: any(rule == "holiday_sealing" for _, rule, _ in alerts(db)))
     ((alert_id, _, state),) = [a for a in alerts(db) if a[1] == "holiday_sealing"]
-    assert alert_id.startswith(f"holiday_sealing:{phone_of(1)}:20261003T09")
+    assert alert_id.startswith(f"holiday_sealing:{wire(phone_of(1))}:20261003T09")
     assert state in ("pending_backfill", "violation")
 
 
@@ -328,7 +328,7 @@ async def test_traffic_of_september_judged_in_december_finds_septembers_filings(
         await judged_all([engine])
     ((alert_id, rule, _),) = alerts(db)
     assert rule == "unfiled_trip"
-    assert f":{phone_of(2)}:" in alert_id
+    assert f":{wire(phone_of(2))}:" in alert_id
 
 
 async def test_a_killed_engine_restarted_judges_everything_once(db: str) -> None:
@@ -384,5 +384,5 @@ def test_rerun_of_a_past_period_is_idempotent_and_sees_corrected_filings(db: str
     after = rerun(db, start, end, plate="云A00001")
     assert after.vehicles == 1
     states = {alert_id.split(":")[1]: state for alert_id, _, state in alerts(db)}
-    assert states[phone_of(1)] == "resolved"
-    assert states[phone_of(2)] == "pending_backfill"
+    assert states[wire(phone_of(1))] == "resolved"
+    assert states[wire(phone_of(2))] == "pending_backfill"

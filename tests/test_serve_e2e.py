@@ -26,6 +26,7 @@ from protocol.header import Edition
 from protocol.messages.control import LocationQuery
 from protocol.messages.location import Location, LocationBatch, LocationQueryResponse
 from protocol.messages.multimedia import MultimediaData, MultimediaUploadResponse
+from protocol.phone import canonical_phone
 from storage import PositionWriter, Spool, TerminalStore, migrate
 from storage.terminal_cache import TerminalCodeCache
 from tests.storage_fixtures import pg_dsn, pg_schema_dsn  # noqa: F401
@@ -50,8 +51,11 @@ BASIC_FIELDS = (
 
 
 def _count(dsn: str, phone: str) -> int:
+    """Positions stored for ``phone`` (in whichever form: they are stored in one)."""
     with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT count(*) FROM positions WHERE phone = %s", (phone,)).fetchone()
+        row = conn.execute(
+            "SELECT count(*) FROM positions WHERE phone = %s", (canonical_phone(phone),)
+        ).fetchone()
     assert row is not None
     return int(row[0])
 

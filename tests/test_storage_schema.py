@@ -157,7 +157,7 @@ def test_timescale_positions_sql() -> None:
     assert "device_time timestamptz NOT NULL" in statements[0]
     assert "PARTITION BY" not in statements[0]
     assert statements[1] == (
-        "SELECT create_hypertable('positions', 'device_time', "
+        "SELECT public.create_hypertable('positions', 'device_time', "
         "chunk_time_interval => INTERVAL '43200 seconds', if_not_exists => TRUE)"
     )
     assert statements[2] == (
@@ -166,11 +166,11 @@ def test_timescale_positions_sql() -> None:
     assert "timescaledb.compress_segmentby = 'phone'" in statements[3]
     assert "compress_orderby = 'device_time DESC, fix_key'" in statements[3]
     assert statements[4] == (
-        "SELECT add_compression_policy('positions', "
+        "SELECT public.add_compression_policy('positions', "
         "compress_after => INTERVAL '259200 seconds', if_not_exists => TRUE)"
     )
     assert statements[5] == (
-        "SELECT add_retention_policy('positions', "
+        "SELECT public.add_retention_policy('positions', "
         "drop_after => INTERVAL '15552000 seconds', if_not_exists => TRUE)"
     )
     forever = timescale_positions_sql(TimescaleOptions(retain_for=None))
@@ -182,14 +182,18 @@ def test_timescale_positions_sql() -> None:
 def test_timescale_aggregate_sql() -> None:
     minute, daily, minute_policy, daily_policy = timescale_aggregate_sql()
     assert "WITH (timescaledb.continuous)" in minute
-    assert "time_bucket(INTERVAL '1 minute', device_time)" in minute
+    assert "public.time_bucket(INTERVAL '1 minute', device_time)" in minute
     assert minute.endswith("WITH NO DATA")  # allowed inside the migration's transaction
     assert "FROM positions_minute_mv" in daily  # hierarchical: daily over minutes
-    assert "time_bucket(INTERVAL '1 day', minute, 'Asia/Shanghai') AS day_start" in daily
+    assert "public.time_bucket(INTERVAL '1 day', minute, 'Asia/Shanghai') AS day_start" in daily
     for column in ("positions", "distance_km", "driving_time_s"):
         assert f"AS {column}" in daily
-    assert minute_policy.startswith("SELECT add_continuous_aggregate_policy('positions_minute_mv'")
-    assert daily_policy.startswith("SELECT add_continuous_aggregate_policy('daily_vehicle_stats")
+    assert minute_policy.startswith(
+        "SELECT public.add_continuous_aggregate_policy('positions_minute_mv'"
+    )
+    assert daily_policy.startswith(
+        "SELECT public.add_continuous_aggregate_policy('daily_vehicle_stats"
+    )
 
 
 def test_migrations_render_for_both_backends() -> None:

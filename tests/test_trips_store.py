@@ -132,6 +132,6 @@ async def test_trips_are_upserted_into_the_trips_table(pg_schema_dsn: str) -> No
         assert repository.trips(since=at(3, 10)) == []
     assert trip["started_at"] == at(3, 9, 30)
     assert trip["ended_at"] is not None
-    assert trip["phone"] == "13800000001"  # the vehicle's, as imported
+    assert trip["phone"] == "013800000001"  # the vehicle's, in the one phone identity
     assert trip["distance_source"] in ("mileage", "track")
     assert 4 < trip["distance_km"] < 6

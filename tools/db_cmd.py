@@ -12,6 +12,13 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["migrate"], help="migrate: create or update the schema")
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "timescaledb", "partitioned"],
+        default="auto",
+        help="positions storage for a new schema (default auto: TimescaleDB when the extension "
+        "is installed, or available and in shared_preload_libraries; else partitions)",
+    )
     add_database_arguments(parser)
 
 
@@ -43,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             database_dsn(configured, data_dir / "pgdata") as dsn,
             psycopg.connect(dsn, autocommit=True) as conn,
         ):
-            migrate(conn)
+            migrate(conn, backend=args.backend)
             logger.info("schema is current (backend: %s)", current_backend(conn))
     except (StorageError, psycopg.Error) as exc:
         logger.error("%s", exc)  # noqa: TRY400 - reported, not a crash

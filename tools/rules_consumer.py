@@ -47,11 +47,12 @@ import psycopg
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from alerts import EngineResult, PositionBatch, Registry
+from alerts import EngineResult, PositionBatch
 from protocol.batch import TIME_ABSENT
+from protocol.phone import PhoneError, canonical_phone
 from storage import rule_log
 from tools.rules_db import FILINGS_LOOKBACK
-from tools.rules_service import RuleService
+from tools.rules_service import PhoneIndex, RuleService
 
 logger = logging.getLogger(__name__)
 
@@ -320,6 +321,7 @@ class CommittedRuleService(RuleService):
             )
             share = math.ceil(rule_log.PARTS / engines)
             changed: list[Any] = []
+            before = sorted(self.parts)
             for part in sorted(self.parts, reverse=True)[: max(0, len(self.parts) - share)]:
                 self._give_up(conn, part)
             for part in range(rule_log.PARTS):
@@ -327,6 +329,15 @@ class CommittedRuleService(RuleService):
                     break
                 if part not in self.parts and rule_log.try_lock(conn, part):
                     changed.extend(self._take(conn, part).alerts)
+            if sorted(self.parts) != before:
+                logger.info(
+                    "rules: engine %s judges %s of %s partitions (%s engine(s) running): %s",
+                    self.engine_id,
+                    len(self.parts),
+                    rule_log.PARTS,
+                    engines,
+                    sorted(self.parts),
+                )
         except psycopg.Error as exc:
             logger.warning("rules: partition balance failed: %s; judging nothing until back", exc)
             self._lost_locks()
@@ -345,7 +356,7 @@ class CommittedRuleService(RuleService):
             engine.resume(vehicles)
         self.parts[part] = saved[0] if saved is not None else 0
         self._refresh_judged()
-        logger.info("rules: judging partition %s from transaction %s", part, self.parts[part])
+        logger.debug("rules: judging partition %s from transaction %s", part, self.parts[part])
         return engine.reapply_filings(sorted(engine.registry[int(i)].id for i in vehicles))
 
     def _give_up(self, conn: psycopg.Connection[Any], part: int) -> None:
@@ -358,7 +369,7 @@ class CommittedRuleService(RuleService):
         del self.parts[part]
         self._refresh_judged()
         rule_log.unlock(conn, part)
-        logger.info("rules: partition %s handed over", part)
+        logger.debug("rules: partition %s handed over", part)
 
     def _save_if_due(self) -> None:
         moment = time.monotonic()
@@ -464,9 +475,12 @@ class CommittedRuleService(RuleService):
 
 
 def _phone_forms(phone: str) -> list[str]:
-    """The stored forms of a terminal phone: BCD[6] (12 digits) and BCD[10] (20 digits)."""
-    core = phone.lstrip("0") or "0"
-    return sorted({phone, *(core.rjust(n, "0") for n in (12, 20) if len(core) <= n)})
+    """The forms a terminal phone may be stored under: the one identity, and as the registry
+    or a header before migration 9 had it."""
+    try:
+        return sorted({phone, canonical_phone(phone)})
+    except PhoneError:
+        return [phone]
 
 
 def _pack(state: dict[str, np.ndarray[Any, Any]]) -> bytes:
@@ -587,7 +601,7 @@ def rerun(
             filings=filings,
         )
         engine.judged_ids = {registry[i].id for i in chosen}
-        index = _PhoneIndexOf(registry)
+        index = PhoneIndex(registry)
         with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
             horizon = rule_log.horizon(conn)
             for first in range(0, len(chosen), chunk_vehicles):
@@ -613,16 +627,6 @@ def rerun(
         repository.close()
         trips.close()
     return RerunSummary(len(chosen), positions, changes, trip_count)
-
-
-class _PhoneIndexOf:
-    """Phone -> registry index for both BCD forms (see ``tools.rules_service._PhoneIndex``)."""
-
-    def __init__(self, registry: Registry) -> None:
-        self._index: dict[str, int] = {p.lstrip("0"): i for p, i in registry.index_of_phone.items()}
-
-    def __call__(self, phone: str) -> int:
-        return self._index.get(phone.lstrip("0"), -1)
 
 
 def _rows_batch(rows: Sequence[tuple[Any, ...]], index: Callable[[str], int]) -> PositionBatch:

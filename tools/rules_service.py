@@ -28,6 +28,7 @@ engine); neither package knows the other.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -52,11 +53,13 @@ from geofence import Fence
 from ingest.interfaces import Completion, PositionRecord, PositionSink
 from protocol.batch import MILEAGE_ABSENT, TIME_ABSENT
 from protocol.messages.location import Mileage
+from protocol.phone import PhoneError, canonical_phone
 
 __all__ = [
     "AlertRepository",
     "InMemoryTripStore",
     "MasterData",
+    "PhoneIndex",
     "RepositoryAlertStore",
     "RuleService",
     "StaticMasterData",
@@ -257,15 +260,22 @@ def records_to_batch(
     )
 
 
-class _PhoneIndex:
-    """Phone -> registry index, matching 2013 (12-digit) and 2019 (20-digit) BCD phones of the
-    same terminal: the number without its leading zero padding is the key."""
+class PhoneIndex:
+    """Phone -> registry index, by the one phone identity (:func:`protocol.phone.
+    canonical_phone`): a 2013 (12-digit) and a 2019 (20-digit) header phone of the same
+    terminal find the same vehicle; a phone that is not one finds none (-1)."""
 
     def __init__(self, registry: Registry) -> None:
-        self._index = {phone.lstrip("0"): i for phone, i in registry.index_of_phone.items()}
+        self._index: dict[str, int] = {}
+        for phone, index in registry.index_of_phone.items():
+            with contextlib.suppress(PhoneError):
+                self._index[canonical_phone(phone)] = index
 
     def __call__(self, phone: str) -> int:
-        return self._index.get(phone.lstrip("0"), -1)
+        try:
+            return self._index.get(canonical_phone(phone), -1)
+        except PhoneError:
+            return -1
 
 
 class TeeSink:
@@ -347,7 +357,7 @@ class RuleService:
         # the master-data source's default window); see CommittedRuleService.
         self.filings_since: datetime | None = None
         self._drained = trio.Event()
-        self._phones = _PhoneIndex(Registry(()))
+        self._phones = PhoneIndex(Registry(()))
         self._filings: dict[int, Filing] = {}  # what the engine holds, to apply changes only
         self._limiter = trio.CapacityLimiter(1)  # the engine is not thread-safe
         self._send, self._receive = trio.open_memory_channel[Sequence[PositionRecord]](
@@ -489,7 +499,7 @@ class RuleService:
             hold_s=self.hold_s,
         )
         self.store = self.engine.store  # keep the same store across rebuilds
-        self._phones = _PhoneIndex(registry)
+        self._phones = PhoneIndex(registry)
         self._filings = {f.id: f for f in filings}
         logger.info(
             "rules: %s vehicle(s), %s fence(s), %s filing(s)",
@@ -548,7 +558,7 @@ class RuleService:
             return None
         try:
             engine.set_registry(registry)
-            self._phones = _PhoneIndex(registry)
+            self._phones = PhoneIndex(registry)
         except ValueError as exc:
             # Vehicles were removed or reordered: the engine cannot map its per-vehicle state
             # onto the new order.  Start a fresh engine on the same store (it resumes the open

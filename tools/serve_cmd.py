@@ -30,7 +30,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:  # the heavy imports happen only when the command runs
     import trio
@@ -305,13 +305,15 @@ async def serve(
     )
     from storage.daily_stats import DailyStatsRefresher  # noqa: PLC0415
     from storage.migrator import SchemaMigrator  # noqa: PLC0415
+    from storage.schema import BackendChoice  # noqa: PLC0415
     from storage.terminal_cache import TerminalCodeCache  # noqa: PLC0415
     from tools.terminal_registry import DatabaseRegistry  # noqa: PLC0415
 
     # One registry for the whole process, so /metrics shows the server's and the storage
     # layer's metrics (batch sizes, store latency, spool) together.
     metrics = Metrics(prometheus_client.REGISTRY if metrics_registry is None else metrics_registry)
-    migrator = SchemaMigrator(dsn)
+    # (validated against ingest.config.STORAGE_BACKENDS, the values of BackendChoice)
+    migrator = SchemaMigrator(dsn, backend=cast("BackendChoice", config.storage_backend))
     # vehicle_daily_stats kept fresh (every node may run one: a refresh another node made
     # recently is not repeated).
     daily_stats = DailyStatsRefresher(dsn, ready=migrator.ready)
