@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from pathlib import Path
@@ -11,7 +12,13 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["migrate"], help="migrate: create or update the schema")
+    parser.add_argument(
+        "action",
+        choices=["migrate", "status"],
+        help="migrate: create or update the schema; status: backend, schema version, "
+        "partitions or chunks, jobs, unlinked positions, rule engines",
+    )
+    parser.add_argument("--json", action="store_true", help="status as one JSON object")
     parser.add_argument(
         "--backend",
         choices=["auto", "timescaledb", "partitioned"],
@@ -50,6 +57,14 @@ def run(args: argparse.Namespace) -> int:
             database_dsn(configured, data_dir / "pgdata") as dsn,
             psycopg.connect(dsn, autocommit=True) as conn,
         ):
+            if args.action == "status":
+                from storage.status import database_status, format_status  # noqa: PLC0415
+
+                status = database_status(conn)
+                print(
+                    json.dumps(status, ensure_ascii=False) if args.json else format_status(status)
+                )
+                return 0
             migrate(conn, backend=args.backend)
             logger.info("schema is current (backend: %s)", current_backend(conn))
     except (StorageError, psycopg.Error) as exc:
