@@ -336,6 +336,9 @@ def upsert_vehicles(conn: psycopg.Connection[Any], rows: Sequence[Mapping[str, A
                     f"vehicle {row['plate']}: phone {row['phone']} is fitted to {clash[0]}"
                 )
                 continue
+            before = conn.execute(
+                "SELECT id, phone FROM vehicles WHERE plate = %s", (row["plate"],)
+            ).fetchone()
             stored = conn.execute(
                 "INSERT INTO vehicles (plate, phone, unit, category, exempt, max_speed_kmh) "
                 "VALUES (%(plate)s, %(phone)s, %(unit)s, %(category)s, %(exempt)s, "
@@ -344,14 +347,62 @@ def upsert_vehicles(conn: psycopg.Connection[Any], rows: Sequence[Mapping[str, A
                 "max_speed_kmh = EXCLUDED.max_speed_kmh, updated_at = now() RETURNING id",
                 {"max_speed_kmh": None, **row},
             ).fetchone()
-            if stored is not None and row.get("phone"):
-                conn.execute(
-                    "UPDATE positions SET vehicle_id = %s WHERE phone = %s AND vehicle_id IS NULL",
-                    (stored[0], row["phone"]),
-                )
+            assert stored is not None
+            old_phone = None if before is None else before[1]
+            if old_phone != row.get("phone"):
+                _rebind(conn, int(stored[0]), old_phone, row.get("phone"))
         if problems:
             raise MasterDataError(problems)
     return len(rows)
+
+
+def _rebind(
+    conn: psycopg.Connection[Any], vehicle: int, old_phone: str | None, phone: str | None
+) -> None:
+    """The vehicle's terminal changed from ``old_phone`` to ``phone`` (either may be None):
+    close the old binding now, open the new one -- from the beginning of time for a phone
+    never bound before (what it sent before its vehicle was imported is that vehicle's), else
+    from now -- and give the new vehicle the stored positions of its phone that no vehicle
+    claimed yet from then on."""
+    if old_phone is not None:
+        conn.execute(
+            "UPDATE terminal_bindings SET valid_to = now() "
+            "WHERE phone = %s AND vehicle_id = %s AND valid_to IS NULL",
+            (old_phone, vehicle),
+        )
+    if phone is None:
+        return
+    conn.execute(
+        "UPDATE terminal_bindings SET valid_to = now() WHERE phone = %s AND valid_to IS NULL",
+        (phone,),
+    )
+    bound = conn.execute("SELECT 1 FROM terminal_bindings WHERE phone = %s", (phone,)).fetchone()
+    conn.execute(
+        "INSERT INTO terminal_bindings (phone, vehicle_id, valid_from) "
+        "VALUES (%s, %s, CASE WHEN %s THEN now() ELSE '-infinity' END)",
+        (phone, vehicle, bound is not None),
+    )
+    # (-infinity has no Python datetime: the bound stays in SQL.)
+    conn.execute(
+        "UPDATE positions SET vehicle_id = %s WHERE phone = %s AND vehicle_id IS NULL "
+        "AND device_time >= (SELECT valid_from FROM terminal_bindings "
+        "WHERE phone = %s AND valid_to IS NULL)",
+        (vehicle, phone, phone),
+    )
+
+
+def vehicle_bindings(conn: psycopg.Connection[Any], plate: str) -> list[dict[str, Any]] | None:
+    """The terminals the vehicle ``plate`` was fitted with, oldest first (``phone,
+    valid_from, valid_to``; None bounds: open); None when there is no such vehicle."""
+    vehicle = conn.execute("SELECT id FROM vehicles WHERE plate = %s", (plate,)).fetchone()
+    if vehicle is None:
+        return None
+    rows = conn.execute(
+        "SELECT phone, nullif(valid_from, '-infinity'), valid_to FROM terminal_bindings "
+        "WHERE vehicle_id = %s ORDER BY valid_from",
+        (vehicle[0],),
+    ).fetchall()
+    return [{"phone": p, "valid_from": f, "valid_to": t} for p, f, t in rows]
 
 
 def upsert_fences(

@@ -1016,3 +1016,26 @@ WHERE p.vehicle_id IS NULL AND v.phone = p.phone;
 """
 
 MIGRATIONS = (*MIGRATIONS, Migration(9, "one phone identity", _PHONE_IDENTITY))
+
+# ---------------------------------------------------------------------------------------------
+# Migration 10: terminal bindings over time (article 18: installation, change, removal and
+# recovery of terminals go through the platform centre).  Which vehicle a terminal was fitted
+# to, from when to when; written by the vehicle imports (storage.masterdata.upsert_vehicles).
+# The bindings of today's vehicles start at -infinity: their past is theirs.
+
+_BINDINGS = """
+CREATE TABLE terminal_bindings (
+    phone text COLLATE "C" NOT NULL,
+    vehicle_id bigint NOT NULL REFERENCES vehicles (id),
+    valid_from timestamptz NOT NULL,
+    valid_to timestamptz,
+    PRIMARY KEY (phone, valid_from),
+    CHECK (valid_to IS NULL OR valid_to > valid_from)
+);
+CREATE UNIQUE INDEX terminal_bindings_open ON terminal_bindings (phone) WHERE valid_to IS NULL;
+CREATE INDEX terminal_bindings_vehicle ON terminal_bindings (vehicle_id, valid_from);
+INSERT INTO terminal_bindings (phone, vehicle_id, valid_from)
+SELECT phone, id, '-infinity' FROM vehicles WHERE phone IS NOT NULL;
+"""
+
+MIGRATIONS = (*MIGRATIONS, Migration(10, "terminal bindings over time", _BINDINGS))

@@ -5,6 +5,7 @@ terminal moved to another vehicle leaves its past on the old one."""
 from __future__ import annotations
 
 import io
+import json
 from datetime import UTC, date, datetime, timedelta
 
 import psycopg
@@ -15,11 +16,12 @@ from protocol.header import Edition, Header
 from protocol.messages.location import Location, Mileage
 from protocol.phone import PhoneError, canonical_phone
 from storage import migrate, position_row
-from storage.masterdata import upsert_vehicles, vehicle_rows_from_csv
+from storage.masterdata import upsert_vehicles, vehicle_bindings, vehicle_rows_from_csv
 from storage.pgstore import PgPositionStore
 from storage.reports import export_positions_csv, positions_per_unit, refresh_daily_stats
 from storage.rows import COLUMN_NAMES
 from tests.storage_fixtures import migrated_db, pg_dsn, pg_schema_dsn  # noqa: F401
+from tools.cli import main
 
 DAY = datetime(2026, 11, 2, 9, 0, tzinfo=GMT8)
 PHONE_2019 = "00000000013800000002"  # as a 2019 header carries 13800000002
@@ -161,3 +163,32 @@ def test_migration_9_gives_old_rows_the_one_identity_and_their_vehicle(db: str) 
         rows = conn.execute("SELECT DISTINCT phone FROM positions").fetchall()
         assert rows == [(PHONE_2013,)]
     assert _vehicle_of_positions(db) == [("云A00002", 2)]
+
+
+def test_terminal_bindings_over_time_and_vehicle_history(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _import(db, HEADER + "云A00001,13800000002,gov,retained,false\n")
+    _import(  # the terminal moved to another vehicle
+        db,
+        HEADER + "云A00001,,gov,retained,false\n" + "云A00009,13800000002,gov,retained,false\n",
+    )
+    with psycopg.connect(db) as conn:
+        old = vehicle_bindings(conn, "云A00001")
+        new = vehicle_bindings(conn, "云A00009")
+        assert vehicle_bindings(conn, "云X") is None
+    assert old is not None
+    assert new is not None
+    (first,) = old
+    (second,) = new
+    assert (first["phone"], first["valid_from"]) == (PHONE_2013, None)  # since the beginning
+    assert first["valid_to"] == second["valid_from"]  # handed over at one instant
+    assert (second["phone"], second["valid_to"]) == (PHONE_2013, None)  # still fitted
+    assert main(["vehicles", "history", "云A00009", "--dsn", db]) == 0
+    assert capsys.readouterr().out.strip().endswith(".. now")
+    assert main(["vehicles", "history", "云A00001", "--json", "--dsn", db]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["phone"] == PHONE_2013
+    assert line["from"] is None
+    assert line["to"] is not None
+    assert main(["vehicles", "history", "云X", "--dsn", db]) == 1

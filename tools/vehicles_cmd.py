@@ -1,19 +1,47 @@
-"""``jt808 vehicles import FILE.csv``: the vehicle registry (columns ``plate,phone,unit,category,
-exempt`` and optionally ``max_speed_kmh``); vehicles are matched by plate."""
+"""``jt808 vehicles``: the vehicle registry.
+
+``jt808 vehicles import FILE.csv`` loads vehicles (columns ``plate,phone,unit,category,exempt``
+and optionally ``max_speed_kmh``), matched by plate; a phone that moves from one vehicle to
+another closes the old terminal binding and opens a new one.
+
+``jt808 vehicles history PLATE [--json]`` shows the terminals the vehicle was fitted with, from
+when to when (article 18: terminals change only through the platform centre).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from storage import upsert_vehicles, vehicle_rows_from_csv
-from tools.masterdata_cmd import add_import_arguments, run_import
+from storage import StorageError, upsert_vehicles, vehicle_rows_from_csv
+from storage.masterdata import vehicle_bindings
+from tools.db_cmd import add_database_arguments
+from tools.masterdata_cmd import connect, run_import
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_import_arguments(parser, "vehicles (CSV)")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    importing = actions.add_parser("import", help="load vehicles (CSV) from FILE")
+    importing.add_argument("file", type=Path, metavar="FILE")
+    add_database_arguments(importing)
+    importing.set_defaults(run=run)
+    history = actions.add_parser(
+        "history",
+        help="the terminals a vehicle was fitted with, over time",
+        description="The terminals a vehicle was fitted with, from when to when.  Example: "
+        "jt808 vehicles history 云A12345",
+    )
+    history.add_argument("plate", metavar="PLATE")
+    history.add_argument("--json", action="store_true", help="one JSON object a line")
+    add_database_arguments(history)
+    history.set_defaults(run=run_history)
 
 
 def _load(text: str, conn: psycopg.Connection[Any]) -> int:
@@ -22,3 +50,34 @@ def _load(text: str, conn: psycopg.Connection[Any]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     return run_import(args, _load, "vehicles")
+
+
+def run_history(args: argparse.Namespace) -> int:
+    try:
+        with connect(args) as conn:
+            bindings = vehicle_bindings(conn, args.plate)
+    except (StorageError, psycopg.Error) as exc:
+        logger.error("%s", exc)  # noqa: TRY400 - reported, not a crash
+        return 1
+    if bindings is None:
+        logger.error("%s: no such vehicle", args.plate)
+        return 1
+    for binding in bindings:
+        since, until = binding["valid_from"], binding["valid_to"]
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "phone": binding["phone"],
+                        "from": None if since is None else since.isoformat(),
+                        "to": None if until is None else until.isoformat(),
+                    }
+                )
+            )
+        else:
+            start = "(first known)" if since is None else since.isoformat()
+            end = "now" if until is None else until.isoformat()
+            print(f"{binding['phone']}  {start} .. {end}")
+    if not bindings and not args.json:
+        print(f"{args.plate}: no terminal fitted so far")
+    return 0
