@@ -497,7 +497,7 @@ class RuleEngine:
         mine = np.isin(batch.vehicle, chosen) & (batch.time >= since_s)
         if until_s is not None:
             mine &= batch.time < until_s
-        result = self.process(_subset(batch, mine))
+        result = self.process(batch.take(mine))
         found = set(self._episodes.values())
         superseded: list[Alert] = []
         for alert in self.store.open_alerts():
@@ -919,12 +919,6 @@ class RuleEngine:
             if alert is not None:
                 out.append(alert)
         return out
-
-
-def _subset(batch: PositionBatch, rows: Bools) -> PositionBatch:
-    return PositionBatch(
-        **{f.name: getattr(batch, f.name)[rows] for f in dataclasses.fields(batch)}
-    )
 
 
 def _iso(seconds: int) -> str:

@@ -141,6 +141,12 @@ class PositionBatch:
     def __len__(self) -> int:
         return int(self.vehicle.size)
 
+    def take(self, rows: npt.NDArray[np.bool_]) -> PositionBatch:
+        """The rows where ``rows`` is true, in order."""
+        return PositionBatch(
+            **{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)}
+        )
+
     @classmethod
     def from_arrays(
         cls,

@@ -1330,12 +1330,8 @@ class _Connection:
             completion = None if submit is None else submit(self._batch)
             if completion is None:
                 return False
-            tickets, self._batch_tickets = self._batch_tickets, []
-            self.metrics.positions.inc(len(self._batch))
+            self._submitted(len(self._batch), completion)
             self._batch = []
-            self.metrics.unacked.inc(len(tickets))
-            self._in_flight_reported += len(tickets)
-            self.server.settle_later(self, tickets, completion)
         if self._replies:
             self.write_acks_now()
         return True
@@ -1347,13 +1343,17 @@ class _Connection:
         """
         if self._batch:
             records, self._batch = self._batch, []
-            tickets, self._batch_tickets = self._batch_tickets, []
-            completion = await self.server.sink.submit(records)
-            self.metrics.positions.inc(len(records))
-            self.metrics.unacked.inc(len(tickets))
-            self._in_flight_reported += len(tickets)
-            self.server.settle_later(self, tickets, completion)
+            self._submitted(len(records), await self.server.sink.submit(records))
         await self._write_replies()
+
+    def _submitted(self, positions: int, completion: Completion) -> None:
+        """The queued batch went to storage as ``completion``: count it and have its acks
+        sent when it settles (Server._acknowledge)."""
+        tickets, self._batch_tickets = self._batch_tickets, []
+        self.metrics.positions.inc(positions)
+        self.metrics.unacked.inc(len(tickets))
+        self._in_flight_reported += len(tickets)
+        self.server.settle_later(self, tickets, completion)
 
     async def _write_replies(self) -> None:
         """Write every queued reply in one send (in the order they were queued)."""

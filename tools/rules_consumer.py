@@ -230,9 +230,7 @@ class CommittedRuleService(RuleService):
         late = np.zeros(len(batch), dtype=bool)
         late[valid] = batch.time[valid] < engine.last_t[batch.vehicle[valid]]
         late_vehicles = np.unique(batch.vehicle[late])
-        result = _merge(
-            filed, engine.process(_subset(batch, ~np.isin(batch.vehicle, late_vehicles)))
-        )
+        result = _merge(filed, engine.process(batch.take(~np.isin(batch.vehicle, late_vehicles))))
         if late_vehicles.size:
             self.metrics.late.inc(int(np.count_nonzero(late)))
             again = self._rejudge(late_vehicles, int(batch.time[late].min()), before_xid)
@@ -492,12 +490,6 @@ def _pack(state: dict[str, np.ndarray[Any, Any]]) -> bytes:
 def _unpack(blob: bytes) -> dict[str, np.ndarray[Any, Any]]:
     with np.load(io.BytesIO(blob), allow_pickle=False) as data:
         return {name: data[name] for name in data.files}
-
-
-def _subset(batch: PositionBatch, rows: np.ndarray[Any, Any]) -> PositionBatch:
-    return PositionBatch(
-        **{name: getattr(batch, name)[rows] for name in batch.__dataclass_fields__}
-    )
 
 
 def _merge(first: EngineResult, second: EngineResult) -> EngineResult:
