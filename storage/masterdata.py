@@ -67,8 +67,9 @@ CHINA = timezone(timedelta(hours=8))
 
 # Terminal phone numbers: 12 BCD digits (2011/2013) or 20 (2019), JT/T 808-2019 table 2.
 _PHONE_RE = re.compile(r"^[0-9]{1,20}$")
-# Positions are given their vehicle under this advisory lock (class, object): vehicle imports
-# take it exclusively, the position writer shared (see upsert_vehicles).
+# Positions are given their vehicle under this advisory lock (class, object): the position
+# writer takes it shared for each batch, a change of terminal bindings exclusively when it
+# commits (storage.bindings; storage.schema, migration 11, which spells the key out again).
 LINK_LOCK = "80808, hashtext('jt808 link ' || current_schema())"
 _TRUE = frozenset({"1", "true", "yes", "y", "t"})
 _FALSE = frozenset({"", "0", "false", "no", "n", "f"})
@@ -316,16 +317,14 @@ def connect(
 def upsert_vehicles(conn: psycopg.Connection[Any], rows: Sequence[Mapping[str, Any]]) -> int:
     """Insert or update vehicles by plate in one transaction; returns the number of rows.
 
-    A phone already fitted to another plate is a problem (one terminal, one vehicle).  Stored
-    positions of a vehicle's phone that no vehicle claimed yet are given the vehicle (a
-    terminal reporting before its vehicle was imported); positions already given a vehicle
-    keep it (a terminal moved to another vehicle leaves its past on the old one).  The
-    position writer takes :data:`LINK_LOCK` shared while it stores positions of phones it does
-    not know, so those are either seen here or find this vehicle when they are stored.
+    A phone already fitted to another plate is a problem (one terminal, one vehicle).  A
+    changed phone changes the terminal bindings (storage.schema, migration 11: a trigger): the
+    old binding closes now, the new one opens now, or from the beginning of time for a phone
+    never bound (what it sent before its vehicle was imported is that vehicle's); when the
+    transaction commits, stored positions are given the vehicle of their device time.
     """
     problems: list[str] = []
     with conn.transaction():
-        conn.execute(f"SELECT pg_advisory_xact_lock({LINK_LOCK})")
         for row in rows:
             clash = conn.execute(
                 "SELECT plate FROM vehicles WHERE phone = %s AND plate <> %s",
@@ -336,59 +335,17 @@ def upsert_vehicles(conn: psycopg.Connection[Any], rows: Sequence[Mapping[str, A
                     f"vehicle {row['plate']}: phone {row['phone']} is fitted to {clash[0]}"
                 )
                 continue
-            before = conn.execute(
-                "SELECT id, phone FROM vehicles WHERE plate = %s", (row["plate"],)
-            ).fetchone()
-            stored = conn.execute(
+            conn.execute(
                 "INSERT INTO vehicles (plate, phone, unit, category, exempt, max_speed_kmh) "
                 "VALUES (%(plate)s, %(phone)s, %(unit)s, %(category)s, %(exempt)s, "
                 "%(max_speed_kmh)s) ON CONFLICT (plate) DO UPDATE SET phone = EXCLUDED.phone, "
                 "unit = EXCLUDED.unit, category = EXCLUDED.category, exempt = EXCLUDED.exempt, "
-                "max_speed_kmh = EXCLUDED.max_speed_kmh, updated_at = now() RETURNING id",
+                "max_speed_kmh = EXCLUDED.max_speed_kmh, updated_at = now()",
                 {"max_speed_kmh": None, **row},
-            ).fetchone()
-            assert stored is not None
-            old_phone = None if before is None else before[1]
-            if old_phone != row.get("phone"):
-                _rebind(conn, int(stored[0]), old_phone, row.get("phone"))
+            )
         if problems:
             raise MasterDataError(problems)
     return len(rows)
-
-
-def _rebind(
-    conn: psycopg.Connection[Any], vehicle: int, old_phone: str | None, phone: str | None
-) -> None:
-    """The vehicle's terminal changed from ``old_phone`` to ``phone`` (either may be None):
-    close the old binding now, open the new one -- from the beginning of time for a phone
-    never bound before (what it sent before its vehicle was imported is that vehicle's), else
-    from now -- and give the new vehicle the stored positions of its phone that no vehicle
-    claimed yet from then on."""
-    if old_phone is not None:
-        conn.execute(
-            "UPDATE terminal_bindings SET valid_to = now() "
-            "WHERE phone = %s AND vehicle_id = %s AND valid_to IS NULL",
-            (old_phone, vehicle),
-        )
-    if phone is None:
-        return
-    conn.execute(
-        "UPDATE terminal_bindings SET valid_to = now() WHERE phone = %s AND valid_to IS NULL",
-        (phone,),
-    )
-    bound = conn.execute("SELECT 1 FROM terminal_bindings WHERE phone = %s", (phone,)).fetchone()
-    conn.execute(
-        "INSERT INTO terminal_bindings (phone, vehicle_id, valid_from) "
-        "VALUES (%s, %s, CASE WHEN %s THEN now() ELSE '-infinity' END)",
-        (phone, vehicle, bound is not None),
-    )
-    # (-infinity has no Python datetime: the bound stays in SQL.)
-    conn.execute(
-        "UPDATE positions SET vehicle_id = %s WHERE phone = %s AND vehicle_id IS NULL "
-        "AND device_time >= (SELECT valid_from FROM terminal_bindings "
-        "WHERE phone = %s AND valid_to IS NULL)",
-        (vehicle, phone, phone),
-    )
 
 
 def vehicle_bindings(conn: psycopg.Connection[Any], plate: str) -> list[dict[str, Any]] | None:

@@ -10,7 +10,7 @@ Two ways to store a batch, both exactly-once thanks to the unique index on the n
   index, PostgreSQL aborts the COPY and nothing of the batch is kept.
 * **staging**: binary COPY into a per-connection temporary table, then ``INSERT ... SELECT ...
   ON CONFLICT DO NOTHING`` into ``positions`` in the same transaction; repeats are skipped and
-  counted.  ``vehicle_id`` is filled from ``vehicles.phone`` here when the row has none.
+  counted.  ``vehicle_id`` is resolved here by a join on ``terminal_bindings``.
 
 :meth:`PgPositionStore.write_rows` tries direct and redoes the batch through staging when the
 COPY hits the unique index (or goes straight to staging when asked); the writer asks for
@@ -23,13 +23,14 @@ import dataclasses
 import logging
 import struct
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
+from storage.bindings import BindingCache, BindingMap
 from storage.masterdata import LINK_LOCK
 from storage.rows import COLUMN_NAMES, COLUMN_TYPES, NATURAL_KEY, PositionRow
 
@@ -39,14 +40,16 @@ _COLS = ", ".join(COLUMN_NAMES)
 _STAGE = "jt808_positions_stage"
 COPY_DIRECT = f"COPY positions ({_COLS}) FROM STDIN (FORMAT BINARY)"
 COPY_STAGE = f"COPY {_STAGE} ({_COLS}) FROM STDIN (FORMAT BINARY)"
-_SELECT_STAGED = ", ".join(
-    "coalesce(s.vehicle_id, v.id)" if c == "vehicle_id" else f"s.{c}" for c in COLUMN_NAMES
-)
-# Taken while positions are given vehicles (see storage.masterdata.upsert_vehicles).
+_SELECT_STAGED = ", ".join("b.vehicle_id" if c == "vehicle_id" else f"s.{c}" for c in COLUMN_NAMES)
+# Taken while positions are given vehicles (storage.bindings; migration 11 takes it exclusively
+# when bindings change).
 LINK_SHARED = f"SELECT pg_advisory_xact_lock_shared({LINK_LOCK})"
+LINK_SHARED_THEN_VERSION = f"{LINK_SHARED}; SELECT version FROM masterdata_state"  # noqa: S608
+# The vehicle bound to the phone at the row's device time (bindings of a phone do not overlap).
 INSERT_STAGED = (
     f"INSERT INTO positions ({_COLS}) SELECT {_SELECT_STAGED} FROM {_STAGE} s "  # noqa: S608
-    "LEFT JOIN vehicles v ON v.phone = s.phone "
+    "LEFT JOIN terminal_bindings b ON b.phone = s.phone AND b.valid_from <= s.device_time "
+    "AND (b.valid_to IS NULL OR s.device_time < b.valid_to) "
     f"ON CONFLICT ({', '.join(NATURAL_KEY)}) DO NOTHING"
 )
 CREATE_STAGE = (
@@ -103,6 +106,7 @@ class PgPositionStore:
         statement_timeout_s: float = 5.0,
         connect_timeout_s: float = 3.0,
         application_name: str = "jt808-writer",
+        bindings: BindingCache | None = None,
     ) -> None:
         self.dsn = dsn
         self.statement_timeout_s = statement_timeout_s
@@ -112,10 +116,9 @@ class PgPositionStore:
         self._lock = threading.Lock()
         self._busy = False
         self._abandoned = False
-        # The vehicles as of master-data version _vehicles_version, read when a batch holds a
-        # phone the writer's map does not know (see _vehicles_for).
-        self._vehicles: dict[str, int] = {}
-        self._vehicles_version: int | None = None
+        # The terminal bindings, read again when the master-data version moves; shared by the
+        # stores of one writer.
+        self._bindings = bindings or BindingCache()
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -180,58 +183,37 @@ class PgPositionStore:
     def ping(self) -> None:
         self.connection().execute("SELECT 1")
 
-    def load_vehicles(self) -> dict[str, int]:
-        rows = (
-            self.connection()
-            .execute("SELECT phone, id FROM vehicles WHERE phone IS NOT NULL")
-            .fetchall()
-        )
-        return dict(rows)
+    def write_rows(self, rows: Sequence[PositionRow], *, staging: bool = False) -> WriteResult:
+        """Store ``rows`` exactly once (see the module docstring); commit before returning.
 
-    def write_rows(
-        self,
-        rows: Sequence[PositionRow],
-        *,
-        staging: bool = False,
-        vehicles: Mapping[str, int] | None = None,
-    ) -> WriteResult:
-        """Store ``rows`` exactly once (see the module docstring); commit before returning."""
+        Each row is given the vehicle its phone was bound to at its device time
+        (:mod:`storage.bindings`), whatever ``vehicle_id`` it came with."""
         conn = self.connection()
         if not staging:
             try:
                 with conn.transaction(), conn.cursor() as cur:
-                    known = self._vehicles_for(cur, rows, vehicles or {})
-                    self._copy_rows(cur, COPY_DIRECT, rows, known)
+                    self._copy_rows(cur, COPY_DIRECT, rows, self._bindings_for(cur))
             except psycopg.errors.UniqueViolation:
                 pass  # a repeat: the transaction rolled back, redo via staging
             else:
                 return WriteResult(len(rows), len(rows))
         with conn.transaction(), conn.cursor() as cur:
-            cur.execute(LINK_SHARED)  # the staged insert joins vehicles itself
-            self._copy_rows(cur, COPY_STAGE, rows, {})
+            cur.execute(LINK_SHARED)  # the staged insert resolves the vehicles itself
+            self._copy_rows(cur, COPY_STAGE, rows, None)
             cur.execute(INSERT_STAGED)
             inserted = cur.rowcount
         return WriteResult(len(rows), inserted, fell_back=not staging)
 
-    def _vehicles_for(
-        self, cur: psycopg.Cursor[Any], rows: Sequence[PositionRow], vehicles: Mapping[str, int]
-    ) -> Mapping[str, int]:
-        """The vehicle map to store ``rows`` with.  ``vehicles`` (the writer's, refreshed now
-        and then) when it knows every phone; otherwise the registry as this transaction sees
-        it, under the link lock taken shared, so that a vehicle imported meanwhile either is
-        seen here or, when its import commits later, links these rows itself
-        (``storage.masterdata.upsert_vehicles``)."""
-        get = vehicles.get
-        if all(row[-1] is not None or get(row[1]) is not None for row in rows):
-            return vehicles
-        cur.execute(LINK_SHARED)
-        row = cur.execute("SELECT version FROM masterdata_state").fetchone()
+    def _bindings_for(self, cur: psycopg.Cursor[Any]) -> BindingMap:
+        """The bindings as this transaction sees them under the link lock taken shared: a
+        binding change either committed before (and the master-data version read here moved)
+        or re-resolves these rows when it commits (storage.schema, migration 11).  Two
+        statements in one round trip, so the version is read after the lock is held."""
+        cur.execute(LINK_SHARED_THEN_VERSION)
+        cur.nextset()
+        row = cur.fetchone()
         version = None if row is None else int(row[0])
-        if version != self._vehicles_version or version is None:
-            cur.execute("SELECT phone, id FROM vehicles WHERE phone IS NOT NULL")
-            self._vehicles = dict(cur.fetchall())
-            self._vehicles_version = version
-        return self._vehicles
+        return self._bindings.current(cur, version)
 
     def write_payload(self, payload: bytes) -> WriteResult:
         """Store a binary COPY stream of positions rows (a spool record) via staging."""
@@ -250,18 +232,19 @@ class PgPositionStore:
         cur: psycopg.Cursor[Any],
         statement: str,
         rows: Sequence[PositionRow],
-        vehicles: Mapping[str, int],
+        bindings: BindingMap | None,
     ) -> None:
         with cur.copy(statement) as copy:
             copy.set_types(COLUMN_TYPES)
             write_row = copy.write_row
-            if not vehicles:
+            if bindings is None:
                 for row in rows:
                     write_row(row)
                 return
-            get = vehicles.get
+            vehicle_at = bindings.vehicle_at
             for row in rows:
-                if row[-1] is None and (vehicle_id := get(row[1])) is not None:
-                    write_row(row[:-1] + (vehicle_id,))  # noqa: RUF005 - 15% faster than unpacking
-                else:
+                vehicle_id = vehicle_at(row[1], row[0])
+                if vehicle_id == row[-1]:
                     write_row(row)
+                else:
+                    write_row(row[:-1] + (vehicle_id,))  # noqa: RUF005 - 15% faster than unpacking

@@ -9,15 +9,13 @@ The views themselves are created by migration 3 (storage/schema.py):
 
 The daily figures come from ``daily_vehicle_stats_mv``, brought up to date by
 :func:`refresh_daily_stats` (every few minutes by :class:`storage.daily_stats.DailyStatsRefresher`):
-without TimescaleDB a table recomputed a China-time day at a time, with it a continuous aggregate
-refreshed over a window of days.
+on both backends a table recomputed from ``positions`` a China-time day at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
 from datetime import date, datetime, timedelta
 from typing import IO, Any
 
@@ -32,7 +30,6 @@ from storage.schema import (
     REPORT_TZ,
     TimescaleOptions,
     current_backend,
-    timescale_schema,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,14 +83,11 @@ REFRESH_LOCK_CLASS = 808_0008
 # found only when their day is the current one.
 RECEIVED_OVERLAP = timedelta(minutes=10)
 
-# TimescaleDB: the window refreshed starts at least this many days back, as its own policy's
-# (storage.schema.timescale_aggregate_sql, start_offset).
-TIMESCALE_MIN_DAYS = 3
 
 # TimescaleDB: positions received since the watermark are searched for among the device times
 # of the chunks not yet compressed (TimescaleOptions.compress_after): ``received_at`` is neither
 # a segment-by nor an order-by column, so searching a compressed chunk would decompress it
-# whole.  Back-fill older than that is not refreshed (nor was it by the policy).
+# whole.  Back-fill older than that is recomputed only when its day is otherwise touched.
 TIMESCALE_SEARCH = TimescaleOptions().compress_after
 
 _LOCK_KEY = "%s, hashtext(coalesce(current_schema(), ''))"
@@ -125,6 +119,13 @@ FROM (
 ORDER BY 1
 """  # noqa: S608 - constants only
 
+# The days whose positions changed vehicle since the last refresh (migration 11), taken: the
+# transaction that recomputes them removes them.
+_TAKE_PENDING = f"""
+DELETE FROM daily_stats_pending
+RETURNING day_start,
+          ((day_start AT TIME ZONE '{REPORT_TZ}') + INTERVAL '1 day') AT TIME ZONE '{REPORT_TZ}'
+"""  # noqa: S608 - constants only
 # Migration 3's definition of the daily figures, to the letter (the numbers must not change),
 # restricted to the days recomputed.
 _FRESH = f"""
@@ -204,11 +205,13 @@ def refresh_daily_stats(
     """Bring ``daily_vehicle_stats_mv`` up to date; readers are not blocked meanwhile.
 
     Recomputes the China-time days with positions received (``received_at``) since the
-    previous refresh's watermark (less :data:`RECEIVED_OVERLAP`), and the day of ``now``
-    (default: the database's clock), then moves the watermark to ``now``.  The first refresh
-    after migration 8 recomputes every day.  With TimescaleDB the continuous aggregates are
-    refreshed over a window from the earliest such day, at least :data:`TIMESCALE_MIN_DAYS`
-    days back, to the end of the current day.
+    previous refresh's watermark (less :data:`RECEIVED_OVERLAP`), the days whose positions
+    changed vehicle (``daily_stats_pending``: terminal bindings changed, migration 11) and the
+    day of ``now`` (default: the database's clock), then moves the watermark to ``now``.  The
+    first refresh after migration 8 (11 on TimescaleDB) recomputes every day that has raw rows.
+    A day whose raw rows were dropped (retention) is never recomputed: its figures stay.  The
+    same on both backends; with TimescaleDB only the chunks not yet compressed are searched for
+    rows received since the watermark (:data:`TIMESCALE_SEARCH`).
 
     Any number of processes may call this at once: they take turns under an advisory lock,
     and each recomputes from the positions as they are, so none counts a position twice.
@@ -222,10 +225,8 @@ def refresh_daily_stats(
     autocommit = conn.autocommit
     conn.autocommit = True  # refresh_continuous_aggregate refuses to run in a transaction
     try:
-        if current_backend(conn) == "timescaledb":
-            result = _refresh_timescale(conn, now, unless_refreshed_within)
-        else:
-            result = _refresh_table(conn, now, unless_refreshed_within)
+        horizon = TIMESCALE_SEARCH if current_backend(conn) == "timescaledb" else None
+        result = _refresh_table(conn, now, unless_refreshed_within, horizon)
     finally:
         conn.autocommit = autocommit
     if result.full:
@@ -269,7 +270,10 @@ def _save_watermark(conn: psycopg.Connection[Any], state: _State) -> None:
 
 
 def _refresh_table(
-    conn: psycopg.Connection[Any], now: datetime | None, within: timedelta | None
+    conn: psycopg.Connection[Any],
+    now: datetime | None,
+    within: timedelta | None,
+    horizon: timedelta | None,
 ) -> DailyStatsRefresh:
     with conn.transaction():
         # Each statement below sees what the refresher before it committed (it released the
@@ -279,13 +283,16 @@ def _refresh_table(
         state = _read_state(conn, now)
         if state.fresh_within(within):
             return DailyStatsRefresh(skipped=True, received_to=state.received_to)
+        pending = [(start, end) for start, end in conn.execute(_TAKE_PENDING)]
         if state.received_to is None:
             days: list[tuple[datetime, datetime]] = []
             where: sql.Composable = sql.SQL("TRUE")
-            which: sql.Composable = sql.SQL("TRUE")
+            # Only the days that still have raw rows: the others' figures outlive retention.
+            which: sql.Composable = sql.SQL("s.day_start IN (SELECT day_start FROM fresh)")
         else:
-            days = [*_touched_days(conn, state, None), (state.today_start, state.today_end)]
-            days.sort()
+            since = None if horizon is None else state.today_start - horizon
+            touched = _touched_days(conn, state, since)
+            days = sorted({*touched, *pending, (state.today_start, state.today_end)})
             where = sql.SQL(" OR ").join(
                 sql.SQL("(device_time >= {} AND device_time < {})").format(
                     sql.Literal(start), sql.Literal(end)
@@ -316,47 +323,6 @@ def _refresh_table(
         rows_written=counts[0],
         rows_removed=counts[1],
     )
-
-
-def timescale_window_start(today_start: datetime, touched: Iterable[datetime]) -> datetime:
-    """Start of the window refreshed with TimescaleDB: the earliest day touched, at least
-    :data:`TIMESCALE_MIN_DAYS` days before today (China has no daylight saving: days are 24 h)."""
-    return min([today_start - timedelta(days=TIMESCALE_MIN_DAYS), *touched])
-
-
-def _refresh_timescale(
-    conn: psycopg.Connection[Any], now: datetime | None, within: timedelta | None
-) -> DailyStatsRefresh:
-    # refresh_continuous_aggregate runs only outside a transaction: a session lock, then.
-    conn.execute(f"SELECT pg_advisory_lock({_LOCK_KEY})", (REFRESH_LOCK_CLASS,))
-    try:
-        state = _read_state(conn, now)
-        if state.fresh_within(within):
-            return DailyStatsRefresh(skipped=True, received_to=state.received_to)
-        start: datetime | None = None  # the first refresh: every day
-        if state.received_to is not None:
-            touched = _touched_days(conn, state, state.today_start - TIMESCALE_SEARCH)
-            start = timescale_window_start(state.today_start, (s for s, _ in touched))
-        # The daily aggregate is computed from the per-minute one: minutes first.  Called in
-        # the extension's schema, whatever the connection's search_path.
-        ts = timescale_schema(conn)
-        for view in ("positions_minute_mv", "daily_vehicle_stats_mv"):
-            conn.execute(
-                sql.SQL("CALL {}.refresh_continuous_aggregate({}, {}, {})").format(
-                    sql.SQL(ts), sql.Literal(view), sql.Literal(start), sql.Literal(state.today_end)
-                )
-            )
-        _save_watermark(conn, state)
-    finally:
-        conn.execute(f"SELECT pg_advisory_unlock({_LOCK_KEY})", (REFRESH_LOCK_CLASS,))
-    days: tuple[date, ...] = ()
-    if start is not None:
-        first = _china_day(start)
-        days = tuple(
-            first + timedelta(days=n)
-            for n in range((_china_day(state.today_start) - first).days + 1)
-        )
-    return DailyStatsRefresh(days=days, full=start is None, received_to=state.now)
 
 
 def _china_day(day_start: datetime) -> date:

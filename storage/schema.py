@@ -11,15 +11,20 @@ Every object is created unqualified, in the first schema of the connection's ``s
 Two backends store ``positions``, chosen once by the first :func:`migrate` and remembered in
 ``jt808_settings``:
 
-* ``timescaledb`` when the extension is available (``pg_available_extensions``) and loads: a
-  hypertable with a configurable chunk interval, compression segmented by terminal, a retention
-  policy, and the daily aggregate as continuous aggregates.  This branch cannot run here; its
-  SQL comes from the small generators :func:`timescale_positions_sql` and
-  :func:`timescale_aggregate_sql`, which the tests check.
+* ``timescaledb`` when asked for, or with ``auto`` when the extension is installable and
+  preloaded (:func:`timescale_usable`): a hypertable with a configurable chunk interval,
+  compression segmented by terminal and a retention policy.  (Migration 3 made the daily
+  aggregate continuous aggregates; migration 11 replaced them by the table the partitioned
+  backend uses.)  Its SQL comes from small generators (:func:`timescale_positions_sql`,
+  :func:`timescale_aggregate_sql`, :func:`timescale_daily_table_sql`) that the tests check, and
+  was written for and run on TimescaleDB 2.28 (PostgreSQL 15).
 * ``partitioned`` otherwise: native range partitions, one per China-time day of
   ``device_time``, created ahead by :func:`ensure_partitions`, plus a DEFAULT partition so no
   row is ever rejected; a BRIN index on time; the daily aggregate as a table refreshed a day at
   a time (a materialized view until migration 8).
+
+Positions carry the vehicle their terminal was bound to at their device time (migrations 10
+and 11, :mod:`storage.bindings`).
 
 In both, the unique index ``positions_natural_key (phone, device_time, fix_key)`` is the dedup
 key (see :func:`storage.rows.fix_key`); it includes ``device_time`` because a unique index on a
@@ -1039,3 +1044,166 @@ SELECT phone, id, '-infinity' FROM vehicles WHERE phone IS NOT NULL;
 """
 
 MIGRATIONS = (*MIGRATIONS, Migration(10, "terminal bindings over time", _BINDINGS))
+
+# ---------------------------------------------------------------------------------------------
+# Migration 11: positions resolved to their vehicle by device time, whoever changes a binding;
+# one daily aggregate on both backends.
+#
+# Bindings: a trigger on ``vehicles`` keeps ``terminal_bindings`` (migration 10) whatever
+# changes a vehicle's phone (the imports, ``POST /vehicles``, an operator's SQL): the old
+# binding closes now, the new one opens now, or at -infinity for a phone never bound before
+# (what it sent before its vehicle was imported is that vehicle's).  A binding made and undone
+# in one transaction leaves nothing.  When the transaction commits, a deferred trigger on
+# ``terminal_bindings`` takes the link lock (storage.masterdata.LINK_LOCK) exclusively and gives
+# the stored positions of each changed phone the vehicle of their device time
+# (``jt808_vehicle_at``), noting their China-time days for the daily refresh.  The position
+# writer holds the same lock shared while it stores a batch (storage.pgstore): a batch stamped
+# from the bindings before the change has committed by then and is re-resolved; one after it
+# reads the new bindings.  Taking the lock only at commit keeps a long import from stalling
+# the writer.
+#
+# Daily aggregate: TimescaleDB's continuous aggregates go (the daily one was built on the
+# minute one with Asia/Shanghai buckets, and the refresh of a window ending on China midnight
+# dropped the new day; its policy never materialised the current day).  Both backends now keep
+# ``daily_vehicle_stats_mv`` as the table of migration 8, recomputed from ``positions`` a
+# China-time day at a time by storage.reports.refresh_daily_stats, whose rows outlive the raw
+# rows dropped by retention.  The watermark is cleared so that the first refresh recomputes
+# every day that still has raw rows.
+
+_VEHICLE_AT = f"""
+CREATE FUNCTION jt808_vehicle_at(terminal text, at timestamptz) RETURNS bigint
+LANGUAGE sql STABLE PARALLEL SAFE SET search_path FROM CURRENT AS $$
+    SELECT vehicle_id FROM terminal_bindings
+    WHERE phone = terminal AND valid_from <= at AND (valid_to IS NULL OR at < valid_to)
+    ORDER BY valid_from DESC LIMIT 1
+$$;
+
+CREATE TABLE daily_stats_pending (
+    day_start timestamptz PRIMARY KEY            -- a China-time day to recompute
+);
+
+CREATE FUNCTION jt808_relink(terminal text, since timestamptz) RETURNS void
+LANGUAGE sql SET search_path FROM CURRENT AS $$
+    WITH moved AS (
+        UPDATE positions SET vehicle_id = jt808_vehicle_at(phone, device_time)
+        WHERE phone = terminal AND device_time >= since
+          AND vehicle_id IS DISTINCT FROM jt808_vehicle_at(phone, device_time)
+        RETURNING device_time
+    )
+    INSERT INTO daily_stats_pending (day_start)
+    SELECT DISTINCT date_trunc('day', device_time AT TIME ZONE '{REPORT_TZ}')
+        AT TIME ZONE '{REPORT_TZ}'
+    FROM moved
+    ON CONFLICT DO NOTHING
+$$;
+
+CREATE FUNCTION jt808_vehicle_rebind() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
+DECLARE
+    old_phone text;
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        old_phone := OLD.phone;
+    END IF;
+    IF old_phone IS NOT DISTINCT FROM NEW.phone THEN
+        RETURN NULL;
+    END IF;
+    IF old_phone IS NOT NULL THEN
+        PERFORM jt808_unbind(old_phone, NEW.id);
+    END IF;
+    IF NEW.phone IS NOT NULL THEN
+        PERFORM jt808_unbind(NEW.phone, NULL);
+        INSERT INTO terminal_bindings (phone, vehicle_id, valid_from)
+        SELECT NEW.phone, NEW.id,
+               CASE WHEN EXISTS (SELECT FROM terminal_bindings WHERE phone = NEW.phone)
+                    THEN now() ELSE '-infinity' END;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Close the open binding of ``terminal`` (to ``vehicle`` only, when given); one opened in this
+-- same transaction is removed instead (no zero-length bindings; nobody else saw it).
+CREATE FUNCTION jt808_unbind(terminal text, vehicle bigint) RETURNS void LANGUAGE sql
+SET search_path FROM CURRENT AS $$
+    DELETE FROM terminal_bindings
+    WHERE phone = terminal AND valid_to IS NULL AND valid_from = now()
+      AND (vehicle IS NULL OR vehicle_id = vehicle);
+    UPDATE terminal_bindings SET valid_to = now()
+    WHERE phone = terminal AND valid_to IS NULL AND (vehicle IS NULL OR vehicle_id = vehicle);
+$$;
+
+CREATE TRIGGER vehicles_rebind AFTER INSERT OR UPDATE OF phone ON vehicles
+    FOR EACH ROW EXECUTE FUNCTION jt808_vehicle_rebind();
+
+-- From where the binding's change can move positions: its start when it is new, else the
+-- earliest of the bounds that changed.
+CREATE FUNCTION jt808_binding_relink() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
+DECLARE
+    since timestamptz := NEW.valid_from;
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        since := 'infinity';
+        IF NEW.valid_from IS DISTINCT FROM OLD.valid_from THEN
+            since := least(NEW.valid_from, OLD.valid_from);
+        END IF;
+        IF NEW.valid_to IS DISTINCT FROM OLD.valid_to THEN
+            since := least(since, coalesce(NEW.valid_to, OLD.valid_to));
+        END IF;
+        IF since = 'infinity' THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+    PERFORM pg_advisory_xact_lock(80808, hashtext('jt808 link ' || current_schema()));
+    PERFORM jt808_relink(NEW.phone, since);
+    RETURN NULL;
+END
+$$;
+CREATE CONSTRAINT TRIGGER terminal_bindings_relink AFTER INSERT OR UPDATE ON terminal_bindings
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION jt808_binding_relink();
+"""  # noqa: S608 - constants only
+
+
+def timescale_daily_table_sql(ts: str = "public") -> str:
+    """Migration 11 on TimescaleDB: the continuous aggregates become migration 8's table (their
+    rows copied, so days whose raw rows retention dropped keep their figures)."""
+    return f"""
+SELECT {ts}.remove_continuous_aggregate_policy('daily_vehicle_stats_mv', if_exists => true);
+SELECT {ts}.remove_continuous_aggregate_policy('positions_minute_mv', if_exists => true);
+CREATE TABLE daily_vehicle_stats_new (
+    vehicle_id bigint NOT NULL,
+    day_start timestamptz NOT NULL,              -- China-time midnight
+    positions bigint NOT NULL,
+    distance_km double precision,                -- NULL without the odometer item 0x01
+    driving_time_s bigint NOT NULL,
+    PRIMARY KEY (vehicle_id, day_start)
+) WITH (fillfactor = 80);
+INSERT INTO daily_vehicle_stats_new (vehicle_id, day_start, positions, distance_km, driving_time_s)
+SELECT vehicle_id, day_start, positions, distance_km, driving_time_s
+FROM daily_vehicle_stats_mv WHERE vehicle_id IS NOT NULL;
+CREATE OR REPLACE VIEW vehicle_daily_stats AS
+SELECT v.id AS vehicle_id, v.plate, v.unit, v.category, v.exempt,
+       (s.day_start AT TIME ZONE '{REPORT_TZ}')::date AS day,
+       s.positions, s.distance_km, s.driving_time_s
+FROM daily_vehicle_stats_new s
+JOIN vehicles v ON v.id = s.vehicle_id;
+DROP MATERIALIZED VIEW daily_vehicle_stats_mv;
+DROP MATERIALIZED VIEW positions_minute_mv;
+ALTER TABLE daily_vehicle_stats_new RENAME TO daily_vehicle_stats_mv;
+ALTER TABLE daily_vehicle_stats_mv RENAME CONSTRAINT daily_vehicle_stats_new_pkey
+    TO daily_vehicle_stats_mv_pkey;
+UPDATE daily_stats_refresh SET received_to = NULL;
+"""  # noqa: S608 - constants only
+
+
+def _resolved_positions(ctx: SchemaContext) -> str:
+    if ctx.backend == "timescaledb":
+        return _VEHICLE_AT + timescale_daily_table_sql(ctx.timescale_schema)
+    return _VEHICLE_AT
+
+
+MIGRATIONS = (
+    *MIGRATIONS,
+    Migration(11, "positions resolved by device time; one daily aggregate", _resolved_positions),
+)

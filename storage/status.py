@@ -37,12 +37,23 @@ def database_status(conn: psycopg.Connection[Any]) -> dict[str, Any]:
         (timedelta(days=RECENT_DAYS),),
     )
     out["unlinked_recent_days"] = RECENT_DAYS
+    if _has(conn, "terminal_bindings"):
+        bindings = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE valid_to IS NULL) FROM terminal_bindings"
+        ).fetchone()
+        out["terminal_bindings"] = {
+            "open": bindings[1] if bindings else 0,
+            "closed": bindings[0] - bindings[1] if bindings else 0,
+        }
     out["rules"] = _rules(conn)
     out["daily_stats_refreshed_to"] = _iso(
         _one(conn, "SELECT received_to FROM daily_stats_refresh")
         if _has(conn, "daily_stats_refresh")
         else None
     )
+    if _has(conn, "daily_stats_pending"):
+        # days whose positions changed vehicle, recomputed at the next refresh
+        out["daily_stats_days_pending"] = _one(conn, "SELECT count(*) FROM daily_stats_pending")
     return out
 
 
@@ -64,6 +75,11 @@ def format_status(status: dict[str, Any]) -> str:
             f"positions without a vehicle (last {status['unlinked_recent_days']} days): "
             f"{status['unlinked_positions_recent']}"
         )
+    bindings = status.get("terminal_bindings")
+    if bindings:
+        lines.append(
+            f"terminal bindings: {bindings['open']} open, {bindings['closed']} closed (history)"
+        )
     rules = status.get("rules") or {}
     if rules:
         lines.append(
@@ -73,6 +89,8 @@ def format_status(status: dict[str, Any]) -> str:
         )
     if "daily_stats_refreshed_to" in status:
         lines.append(f"daily statistics refreshed to: {status['daily_stats_refreshed_to']}")
+    if "daily_stats_days_pending" in status:
+        lines.append(f"daily statistics days to recompute: {status['daily_stats_days_pending']}")
     return "\n".join(lines)
 
 
@@ -124,7 +142,7 @@ def _timescale_positions(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     jobs = conn.execute(
         sql.SQL(
             "SELECT j.job_id, j.proc_name, j.hypertable_name, j.schedule_interval::text, "
-            "s.last_run_status, s.last_successful_finish, s.total_failures "
+            "j.config::text, s.last_run_status, s.last_successful_finish, s.total_failures "
             "FROM {info}.jobs j LEFT JOIN {info}.job_stats s USING (job_id) ORDER BY j.job_id"
         ).format(info=info)
     ).fetchall()
@@ -141,11 +159,12 @@ def _timescale_positions(conn: psycopg.Connection[Any]) -> dict[str, Any]:
                 "job": name,
                 "on": table,
                 "every": every,
+                "settings": config,  # drop_after, compress_after: retention, compression
                 "last": status,
                 "last_success": _iso(finished),
                 "failures": failures,
             }
-            for job_id, name, table, every, status, finished, failures in jobs
+            for job_id, name, table, every, config, status, finished, failures in jobs
         ],
     }
 

@@ -46,6 +46,7 @@ import psycopg
 import trio
 
 from storage import metrics
+from storage.bindings import BindingCache
 from storage.errors import StorageError, WriterClosedError
 from storage.pgstore import DATA_ERRORS, PgPositionStore, WriteResult
 from storage.rows import PositionRow, encode_copy_binary
@@ -53,6 +54,9 @@ from storage.schema import ensure_partitions
 from storage.spool import Spool
 
 logger = logging.getLogger(__name__)
+
+# Partition upkeep that could not run (the database away) is tried again this often.
+UPKEEP_RETRY_S = 60.0
 
 
 class Durability(enum.Enum):
@@ -143,7 +147,6 @@ class WriterConfig:
     retry_max_s: float = 30.0
     dedup: Literal["adaptive", "staging"] = "adaptive"
     staging_batches_after_repeat: int = 8
-    vehicle_refresh_s: float = 60.0
     partition_check_s: float = 3600.0
     partition_days_ahead: int = 7
 
@@ -203,6 +206,7 @@ class PositionWriter:
             dsn,
             statement_timeout_s=self.config.write_timeout_s,
             connect_timeout_s=self.config.connect_timeout_s,
+            bindings=BindingCache(),  # one map of terminal bindings for all the stores
         )
         self._cap = self.config.pending_cap
         self._batch_rows = self.config.batch_rows
@@ -210,7 +214,6 @@ class PositionWriter:
         self._spool_limiter = trio.CapacityLimiter(1)  # appends in order, one fsync at a time
         self._inflight = trio.Semaphore(self.config.connections)
         self._idle_stores: list[PgPositionStore] = []
-        self._vehicles: dict[str, int] = {}
         self._running = False
         self._nursery: trio.Nursery | None = None
         # batches: the one filling, and full ones waiting for a connection
@@ -304,11 +307,6 @@ class PositionWriter:
         if gated or (self.spool is not None and not self.spool.is_empty()):
             self._recover.set()
         try:
-            if not gated:
-                try:  # so the first batches already get their vehicle ids
-                    await self._refresh_vehicles()
-                except (DatabaseUnavailableError, RowsRejectedError) as exc:
-                    logger.warning("vehicle map not loaded at start: %s", exc)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._batcher)
@@ -420,9 +418,7 @@ class PositionWriter:
             staging = self.config.dedup == "staging" or self._staging_left > 0
             started = trio.current_time()
             try:
-                result = await self._db_call(
-                    "write_rows", rows, staging=staging, vehicles=self._vehicles
-                )
+                result = await self._db_call("write_rows", rows, staging=staging)
             except RowsRejectedError:
                 await self._isolate(batch)
                 return
@@ -589,7 +585,6 @@ class PositionWriter:
                     logger.warning("database reachable again: writing batches to it")
                 else:  # the schema was not ready at start; now it is
                     logger.info("database ready: writing batches to it")
-                await self._refresh_vehicles()
             spool = self.spool
             if spool is None:
                 return True
@@ -631,25 +626,18 @@ class PositionWriter:
 
     # -- upkeep -------------------------------------------------------------------------------
 
-    async def _refresh_vehicles(self) -> None:
-        # The map holds one entry per vehicle with a terminal: bounded by the fleet (tens of
-        # thousands of entries at most), refreshed whole.
-        self._vehicles = await self._db_call("load_vehicles")
-
     async def _maintenance_loop(self) -> None:
-        next_partition_check = trio.current_time()
         while True:
+            delay = UPKEEP_RETRY_S
             if self._db_up:
                 try:
-                    await self._refresh_vehicles()
-                    if trio.current_time() >= next_partition_check:
-                        await self._db_call("run_upkeep", self._upkeep)
-                        next_partition_check = trio.current_time() + self.config.partition_check_s
+                    await self._db_call("run_upkeep", self._upkeep)
+                    delay = self.config.partition_check_s
                 except DatabaseUnavailableError as exc:
                     logger.warning("storage upkeep skipped: %s", exc)
                 except RowsRejectedError:
                     logger.exception("storage upkeep failed")
-            await trio.sleep(self.config.vehicle_refresh_s)
+            await trio.sleep(delay)
 
     def _upkeep(self, conn: psycopg.Connection[Any]) -> None:
         ensure_partitions(conn, self._wall_clock(), days_ahead=self.config.partition_days_ahead)

@@ -25,10 +25,8 @@ from storage.errors import StorageError
 from storage.reports import (
     RECEIVED_OVERLAP,
     REFRESH_LOCK_CLASS,
-    TIMESCALE_MIN_DAYS,
     DailyStatsRefresh,
     refresh_daily_stats,
-    timescale_window_start,
 )
 from storage.schema import CHINA, MIGRATIONS, SchemaContext, migrate
 from tests.storage_fixtures import migrated_db, pg_dsn, pg_schema_dsn  # noqa: F401
@@ -387,6 +385,8 @@ def test_migration_8_keeps_what_the_view_showed(
         assert conn.execute("SELECT to_regclass('daily_vehicle_stats_mv_old')").fetchone() == (
             None,
         )
+        monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS)
+        assert migrate(conn, now=T1, days_ahead=0)[0] == 9  # and the rest
     _write(pg_schema_dsn, "013800000002", _minutes(at(MAY1, 9), 3), received_at=T1)
     assert _refresh(pg_schema_dsn, T2).full  # the watermark starts empty: every day
     assert len(_assert_up_to_date(pg_schema_dsn)) == 2
@@ -404,14 +404,83 @@ def test_migration_8_renders_for_both_backends() -> None:
     assert "daily_vehicle_stats_mv" not in ts  # the continuous aggregates stay
 
 
-def test_timescale_window_covers_the_days_touched_and_at_least_three() -> None:
-    today = datetime(2024, 5, 10, tzinfo=CHINA)
-    assert timescale_window_start(today, []) == today - timedelta(days=TIMESCALE_MIN_DAYS)
-    assert timescale_window_start(today, [today - timedelta(days=1)]) == datetime(
-        2024, 5, 7, tzinfo=CHINA
+def test_migration_11_replaces_the_continuous_aggregates_on_timescaledb() -> None:
+    migration = next(m for m in MIGRATIONS if m.version == 11)
+    plain = migration.render(SchemaContext(backend="partitioned"))
+    ts = migration.render(SchemaContext(backend="timescaledb", timescale_schema='"ext"'))
+    assert "daily_vehicle_stats_mv" not in plain  # migration 8 made it a table already
+    for step in (
+        "\"ext\".remove_continuous_aggregate_policy('daily_vehicle_stats_mv', if_exists => true)",
+        "\"ext\".remove_continuous_aggregate_policy('positions_minute_mv', if_exists => true)",
+        "CREATE TABLE daily_vehicle_stats_new",
+        "FROM daily_vehicle_stats_mv WHERE vehicle_id IS NOT NULL",  # kept: retention-proof
+        "DROP MATERIALIZED VIEW daily_vehicle_stats_mv",
+        "DROP MATERIALIZED VIEW positions_minute_mv",
+        "ALTER TABLE daily_vehicle_stats_new RENAME TO daily_vehicle_stats_mv",
+        "UPDATE daily_stats_refresh SET received_to = NULL",
+    ):
+        assert step in ts, step
+    assert ts.index("CREATE OR REPLACE VIEW vehicle_daily_stats") < ts.index(
+        "DROP MATERIALIZED VIEW daily_vehicle_stats_mv"
     )
-    old = datetime(2024, 5, 2, tzinfo=CHINA)
-    assert timescale_window_start(today, [today - timedelta(days=1), old]) == old
+
+
+def test_a_day_whose_data_begin_at_china_midnight(stats_db: str) -> None:
+    # TimescaleDB's hierarchical aggregate lost such a day (issue seen on 2.28.3): data
+    # beginning exactly at 00:00 China time, received after the last refresh.
+    first = "013800000001"
+    _write(stats_db, first, _minutes(at(MAY3, 0), 30), received_at=T1 + timedelta(minutes=1))
+    _refresh(stats_db, T2)
+    expected = _assert_up_to_date(stats_db)
+    may3 = [row for row in expected if row[1] == at(MAY3, 0)]
+    assert [(r[2], r[4]) for r in may3] == [(30, 1800)]
+    # and the day before, which ends where it begins, is untouched
+    assert sum(1 for row in expected if row[1] == at(MAY2, 0)) == 2
+
+
+def test_statistics_outlive_the_raw_rows_dropped_by_retention(stats_db: str) -> None:
+    before = _assert_up_to_date(stats_db)
+    may1 = [row for row in before if row[1] == at(MAY1, 0)]
+    assert len(may1) == 2
+    with psycopg.connect(stats_db, autocommit=True) as conn:
+        # retention: the partition of 1 May goes
+        (partition,) = conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'positions'::regclass AND c.relname LIKE %s",
+            ("%20240501",),
+        ).fetchone() or (None,)
+        assert partition is not None
+        conn.execute(f'DROP TABLE "{partition}"')
+        # a later refresh, and even a full recompute, keep 1 May's figures
+        _refresh(stats_db, T2)
+        assert [r for r in _stored(conn) if r[1] == at(MAY1, 0)] == may1
+        conn.execute("UPDATE daily_stats_refresh SET received_to = NULL")
+        result = _refresh(stats_db, T2 + timedelta(minutes=5))
+        assert result.full
+        stored = _stored(conn)
+    assert [r for r in stored if r[1] == at(MAY1, 0)] == may1
+    assert [r for r in stored if r[1] != at(MAY1, 0)] == [r for r in before if r[1] != at(MAY1, 0)]
+
+
+def test_days_whose_positions_change_vehicle_are_recomputed(stats_db: str) -> None:
+    # The second terminal's vehicle is imported only now: its past positions (1 and 2 May,
+    # received long before the watermark) become the new vehicle's and so do their figures.
+    with psycopg.connect(stats_db) as conn:
+        conn.execute(
+            "INSERT INTO vehicles (plate, phone, unit, category) "
+            "VALUES ('粤B00009', %s, 'unit-b', 'rental')",
+            (UNFITTED,),
+        )
+    with psycopg.connect(stats_db) as conn:
+        pending = conn.execute("SELECT day_start FROM daily_stats_pending").fetchall()
+    assert pending == [(at(MAY2, 0),)]
+    result = _refresh(stats_db, T2)
+    assert MAY2 in result.days
+    expected = _assert_up_to_date(stats_db)
+    with psycopg.connect(stats_db) as conn:
+        unfitted = _vehicle_id(conn, UNFITTED)
+        assert conn.execute("SELECT count(*) FROM daily_stats_pending").fetchone() == (0,)
+    assert [(r[1], r[2]) for r in expected if r[0] == unfitted] == [(at(MAY2, 0), 5)]
 
 
 # ---------------------------------------------------------------------------------------------

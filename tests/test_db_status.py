@@ -66,8 +66,11 @@ def test_status_shows_backend_partitions_default_rows_and_unlinked_positions(
     assert positions["rows_in_default_partition"] == 1
     assert status["unlinked_positions_recent"] == 1
     assert status["rules"]["partitions"] == 16
+    assert status["terminal_bindings"] == {"open": 1, "closed": 0}
+    assert status["daily_stats_days_pending"] == 0
     assert main(["db", "status", "--dsn", db]) == 0
     text = capsys.readouterr().out
     assert "backend: partitioned" in text
     assert "positions rows in default partition: 1" in text
     assert "positions without a vehicle (last 7 days): 1" in text
+    assert "terminal bindings: 1 open, 0 closed (history)" in text

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from datetime import UTC, date, datetime, timedelta
 
 import psycopg
@@ -68,12 +69,14 @@ def _rows(phone: str, start: datetime, count: int, *, layout: Edition = Edition.
     return rows
 
 
-def _store(dsn: str, rows: list, vehicles: dict[str, int] | None = None) -> None:
-    store = PgPositionStore(dsn)
+def _store(dsn: str, rows: list, store: PgPositionStore | None = None) -> None:
+    own = store is None
+    store = store or PgPositionStore(dsn)
     try:
-        store.write_rows(rows, vehicles=vehicles or {})
+        store.write_rows(rows)
     finally:
-        store.close()
+        if own:
+            store.close()
 
 
 def _import(dsn: str, csv: str) -> None:
@@ -119,26 +122,85 @@ def test_a_2019_terminal_is_found_in_every_view(db: str) -> None:
 
 
 def test_positions_stored_before_or_just_after_an_import_carry_the_vehicle(db: str) -> None:
-    _store(db, _rows(PHONE_2013, DAY, 3))  # the terminal reports before its vehicle exists
-    assert _vehicle_of_positions(db) == [(None, 3)]
-    _import(db, HEADER + "云A00002,13800000002,gov,retained,false\n")
-    assert _vehicle_of_positions(db) == [("云A00002", 3)]  # linked by the import
-    # The writer's map is older than the import (it holds another vehicle only): positions
-    # stored right after the import are linked all the same.
-    _store(db, _rows(PHONE_2019, DAY + timedelta(hours=1), 2), vehicles={"013899999999": 1})
-    assert _vehicle_of_positions(db) == [("云A00002", 5)]
+    store = PgPositionStore(db)  # one writer connection, before and after the import
+    try:
+        _store(db, _rows(PHONE_2013, DAY, 3), store)  # reports before its vehicle exists
+        assert _vehicle_of_positions(db) == [(None, 3)]
+        _import(db, HEADER + "云A00002,13800000002,gov,retained,false\n")
+        assert _vehicle_of_positions(db) == [("云A00002", 3)]  # linked when the import committed
+        # The store read the bindings before the import: the next batch sees the import.
+        _store(db, _rows(PHONE_2019, DAY + timedelta(hours=1), 2), store)
+        assert _vehicle_of_positions(db) == [("云A00002", 5)]
+    finally:
+        store.close()
+
+
+def _now_s() -> datetime:
+    return datetime.now(GMT8).replace(microsecond=0)
 
 
 def test_a_terminal_moved_to_another_vehicle_leaves_its_past_on_the_old_one(db: str) -> None:
+    store = PgPositionStore(db)
+    try:
+        _import(db, HEADER + "云A00001,13800000002,gov,retained,false\n")
+        _store(db, _rows(PHONE_2013, DAY, 4), store)
+        # Article 18: the terminal is moved to another vehicle through the platform centre.
+        _import(
+            db,
+            HEADER + "云A00001,,gov,retained,false\n" + "云A00009,13800000002,gov,retained,false\n",
+        )
+        moved = _now_s()
+        # what it records from now on is the new vehicle's ...
+        _store(db, _rows(PHONE_2019, moved + timedelta(seconds=2), 3, layout=Edition.V2019), store)
+        # ... and what it recorded before the move, uploaded only now (blind-area data,
+        # 0x0704), stays the old vehicle's: the vehicle is the one of the device time
+        _store(db, _rows(PHONE_2013, moved - timedelta(hours=1), 2), store)
+    finally:
+        store.close()
+    assert _vehicle_of_positions(db) == [("云A00001", 6), ("云A00009", 3)]
+    with psycopg.connect(db) as conn:
+        resolved = conn.execute(
+            "SELECT count(*) FROM positions WHERE vehicle_id IS DISTINCT FROM "
+            "jt808_vehicle_at(phone, device_time)"
+        ).fetchone()
+    assert resolved == (0,)  # the SQL function agrees with the writer
+
+
+def test_a_move_committed_while_a_batch_is_being_stored(db: str) -> None:
+    # The writer's transaction read the bindings before the move and commits after the move
+    # began: the move's commit waits for it, then gives its rows the new vehicle.
     _import(db, HEADER + "云A00001,13800000002,gov,retained,false\n")
-    _store(db, _rows(PHONE_2013, DAY, 4))
-    # Article 18: the terminal is moved to another vehicle through the platform centre.
-    _import(
-        db,
-        HEADER + "云A00001,,gov,retained,false\n" + "云A00009,13800000002,gov,retained,false\n",
+    with psycopg.connect(db) as setup:
+        old = setup.execute("SELECT id FROM vehicles WHERE plate = '云A00001'").fetchone()
+    assert old is not None
+    after = _now_s() + timedelta(seconds=30)  # device time after the move
+    row = _rows(PHONE_2013, after, 1)[0]._replace(vehicle_id=old[0])
+    writer = psycopg.connect(db)
+    writer.execute(
+        "SELECT pg_advisory_xact_lock_shared(80808, hashtext('jt808 link ' || current_schema()))"
     )
-    _store(db, _rows(PHONE_2019, DAY + timedelta(days=1), 3, layout=Edition.V2019))
-    assert _vehicle_of_positions(db) == [("云A00001", 4), ("云A00009", 3)]
+    with (
+        writer.cursor() as cur,
+        cur.copy(f"COPY positions ({', '.join(COLUMN_NAMES)}) FROM STDIN") as copy,
+    ):
+        copy.write_row(row)
+    done = threading.Event()
+
+    def move() -> None:
+        _import(
+            db,
+            HEADER + "云A00001,,gov,retained,false\n" + "云A00009,13800000002,gov,retained,false\n",
+        )
+        done.set()
+
+    mover = threading.Thread(target=move)
+    mover.start()
+    assert not done.wait(0.5)  # the move's commit waits for the batch
+    writer.commit()
+    writer.close()
+    mover.join(10)
+    assert done.is_set()
+    assert _vehicle_of_positions(db) == [("云A00009", 1)]
 
 
 def test_migration_9_gives_old_rows_the_one_identity_and_their_vehicle(db: str) -> None:
