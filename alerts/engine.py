@@ -164,7 +164,9 @@ class _Filings:
 
     A filing covers a time from ``max(start - early, filed_at)`` -- it cannot cover anything
     before it reached the platform; earlier uses are back-filed through the lifecycle -- to
-    ``end + late``.  Among the filings covering a time, the one ending last is given.
+    ``end + late``, and a version of it only until the next version came (``superseded_at``):
+    each moment is judged by the version in force then.  Among the filings covering a time,
+    the one ending last is given.
     """
 
     def __init__(
@@ -177,16 +179,21 @@ class _Filings:
         late_s: int,
     ) -> None:
         rows = []
+        filed_ends = set()  # (filing, filed end) of the versions in force now
         for f in filings:
             index = registry.index_of_id.get(f.vehicle)
             if index is None:
                 continue
+            if f.superseded_at is None:
+                filed_ends.add((f.id, posix(f.end)))
             start = max(posix(f.start) - early_s, posix(f.filed_at))
             end = posix(f.end) + late_s
+            if f.superseded_at is not None:
+                end = min(end, posix(f.superseded_at) - 1)
             dest = -1
             if f.destination_fence is not None:
                 dest = fences.position_of_id.get(f.destination_fence, -1)
-            rows.append((index, start, end, f.id, dest, posix(f.end)))
+            rows.append((index, start, end, f.id, dest))
         rows = [r for r in rows if r[1] <= r[2]]
         rows.sort()
         self.vehicle = np.array([r[0] for r in rows], dtype=np.int64)
@@ -200,8 +207,9 @@ class _Filings:
         running = np.maximum.accumulate(value) if value.size else value
         holder = np.where(value == running, np.arange(value.size), 0)
         self.best = np.maximum.accumulate(holder) if holder.size else holder
-        # Filed end per filing id (overdue deadlines), without the slack.
-        by_id = sorted({(r[3], r[5]) for r in rows})
+        # Filed end per filing id (overdue deadlines), without the slack: the version in force
+        # (even one that covers nothing: filed after its window).
+        by_id = sorted(filed_ends)
         self._ids = np.array([r[0] for r in by_id], dtype=np.int64)
         self._ends = np.array([r[1] for r in by_id], dtype=np.int64)
 
@@ -289,7 +297,7 @@ class RuleEngine:
             if isinstance(fences, FenceIndex)
             else FenceIndex(fences, margin_m=self.config.margin_m)
         )
-        self._filing_map: dict[int, Filing] = {f.id: f for f in filings}
+        self._filing_map: dict[tuple[int, int], Filing] = {f.key: f for f in filings}
         self._filings_of: dict[int, list[Filing]] = {}
         for f in self._filing_map.values():
             self._filings_of.setdefault(f.vehicle, []).append(f)
@@ -576,22 +584,29 @@ class RuleEngine:
         """Add or replace filings; back-filing alerts they cover are resolved."""
         changed: list[Alert] = []
         for filing in filings:
-            old = self._filing_map.get(filing.id)
+            old = self._filing_map.get(filing.key)
             if old is not None:
                 self._filings_of[old.vehicle].remove(old)
-            self._filing_map[filing.id] = filing
+            self._filing_map[filing.key] = filing
             self._filings_of.setdefault(filing.vehicle, []).append(filing)
             if self.judged_ids is None or filing.vehicle in self.judged_ids:
                 changed.extend(self.lifecycle.add_filing(filing))
         self._filings = None
         return EngineResult(alerts=_ordered(changed), trips_started=[], trips_ended=[])
 
-    def remove_filings(self, filing_ids: Iterable[int]) -> None:
-        """Forget filings (cancelled).  Alerts they already resolved stay resolved."""
-        for filing_id in filing_ids:
-            old = self._filing_map.pop(filing_id, None)
-            if old is not None:
-                self._filings_of[old.vehicle].remove(old)
+    def remove_filings(self, filings: Iterable[int | tuple[int, int]]) -> None:
+        """Forget filings (cancelled): every version of a filing id, or one version by its
+        :attr:`Filing.key`.  Alerts they already resolved stay resolved."""
+        for which in filings:
+            keys = (
+                [which]
+                if isinstance(which, tuple)
+                else [k for k in self._filing_map if k[0] == which]
+            )
+            for key in keys:
+                old = self._filing_map.pop(key, None)
+                if old is not None:
+                    self._filings_of[old.vehicle].remove(old)
         self._filings = None
 
     def _filing_index(self) -> _Filings:

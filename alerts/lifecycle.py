@@ -45,6 +45,34 @@ __all__ = [
 
 _ACTIVE = frozenset({AlertState.OPEN, AlertState.PENDING_BACKFILL})
 
+# A filing whose claimed filing time (what the dispatcher's system sent) is earlier than the
+# platform's receipt by more than this is reported as "claimed earlier than receipt" (article
+# 21: false back-filing).  Ten minutes is well above what a dispatch system's queue and clock
+# drift explain, and well below the hours or days a back-dated filing gains.
+CLAIM_TOLERANCE_S = 600
+
+
+def claims_earlier(filing: Filing) -> bool:
+    """Whether ``filing`` claims a filing time well before the platform received it."""
+    return (
+        filing.claimed_at is not None
+        and posix(filing.filed_at) - posix(filing.claimed_at) > CLAIM_TOLERANCE_S
+    )
+
+
+def _with_claim(detail: dict[str, Any], filing: Filing) -> dict[str, Any]:
+    if not claims_earlier(filing):
+        return detail
+    assert filing.claimed_at is not None
+    claimed = list(detail.get("claimed_earlier", []))
+    if filing.id not in claimed:
+        claimed.append(filing.id)
+    return {
+        **detail,
+        "claimed_earlier": claimed,
+        "claimed_filed_at": filing.claimed_at.astimezone(GMT8).replace(microsecond=0).isoformat(),
+    }
+
 
 def to_datetime(seconds: int) -> datetime:
     """POSIX seconds as an aware China-time datetime."""
@@ -358,9 +386,11 @@ class Lifecycle:
             detail = {
                 **alert.detail,
                 "filing": filing.id,
+                "filing_version": filing.version,
                 "filed_at": filed.isoformat(),
                 "backfilled": filed > alert.opened_at,
             }
+            detail = _with_claim(detail, filing)
             if alert.state is AlertState.VIOLATION:
                 detail["corrected_from"] = AlertState.VIOLATION.value
             return dataclasses.replace(
@@ -374,7 +404,7 @@ class Lifecycle:
         if filing.id in late:
             return alert
         late.append(filing.id)
-        detail = {**alert.detail, "late_filings": late}
+        detail = _with_claim({**alert.detail, "late_filings": late}, filing)
         return dataclasses.replace(
             alert,
             state=AlertState.VIOLATION,

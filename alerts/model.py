@@ -73,8 +73,15 @@ class Filing:
 
     ``vehicle`` is the vehicle's id; ``start``/``end`` the filed window; ``destination_fence``
     the id of the fence the trip goes to (None: no particular area); ``filed_at`` when the
-    filing reached the platform -- after the trip started it is a back-filing (article 21).
-    Only filings that count (approved, not cancelled) are given to the engine.
+    filing reached the platform, as the platform stamped it -- after the trip started it is a
+    back-filing (article 21).  Only filings that count (approved, not cancelled) are given to
+    the engine.
+
+    A filing corrected after it was filed has several versions (``version``, 1 first), each
+    given to the engine as its own :class:`Filing` with the same ``id``: a version is in force
+    from its ``filed_at`` until the next version's (``superseded_at``; None: in force now), and
+    covers only what happens meanwhile.  ``claimed_at`` is the filing time the dispatcher's
+    system claimed (None: it claimed none); a claim well before ``filed_at`` is reported.
     """
 
     id: int
@@ -86,10 +93,14 @@ class Filing:
     purpose: str = ""
     passengers: str = ""
     approver: str = ""
+    version: int = 1
+    superseded_at: datetime | None = None
+    claimed_at: datetime | None = None
 
     def __post_init__(self) -> None:
-        for name in ("start", "end", "filed_at"):
-            if getattr(self, name).tzinfo is None:
+        for name in ("start", "end", "filed_at", "superseded_at", "claimed_at"):
+            value = getattr(self, name)
+            if value is not None and value.tzinfo is None:
                 raise ValueError(f"filing {self.id}: {name} must be timezone-aware")
         if self.end <= self.start:
             raise ValueError(f"filing {self.id}: ends before it starts")
@@ -105,7 +116,15 @@ class Filing:
             "purpose": self.purpose,
             "passengers": self.passengers,
             "approver": self.approver,
+            "version": self.version,
+            "superseded_at": None if self.superseded_at is None else self.superseded_at.isoformat(),
+            "claimed_at": None if self.claimed_at is None else self.claimed_at.isoformat(),
         }
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """(filing, version): what identifies one version among the engine's filings."""
+        return (self.id, self.version)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False)

@@ -50,7 +50,7 @@ import trio
 
 from protocol.codec import Packet
 from protocol.errors import RESULT_SUCCESS
-from protocol.messages.base import REGISTRY, Message, Record, is_downlink
+from protocol.messages.base import REGISTRY, Message, Record, hex_msg_ids, is_downlink
 from protocol.messages.control import TerminalRetransmitRequest
 from protocol.messages.terminal import TerminalGeneralResponse
 
@@ -242,7 +242,7 @@ def reply_json(*, phone: str, node: str, command: PendingCommand, reply: Packet)
         "reply": {
             "msg_id": f"0x{reply.msg_id:04x}",
             "serial": reply.serial,
-            "body": reply.message.to_json(),
+            "body": hex_msg_ids(reply.message.to_json()),  # reply_msg_id in hex, as msg_id
         },
     }
 

@@ -27,13 +27,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from ingest import limits
+from ingest.limits import HttpLimits, limit_problems
 from protocol.codec import MAX_BODY
 from protocol.framing import MAX_ESCAPED_FRAME
 
 ENV_PREFIX = "JT808_"
 CONFIG_ENV = "JT808_CONFIG"
 # JT808_* names that belong to other parts of the application, not to this config.
-OTHER_ENV = frozenset({CONFIG_ENV, "JT808_TEST_DSN", "JT808_LOG_LEVEL"})
+# (JT808_TOKEN: the bearer token of the commands that call the operator port.)
+OTHER_ENV = frozenset(
+    {CONFIG_ENV, "JT808_TEST_DSN", "JT808_LOG_LEVEL", "JT808_CACERT", "JT808_TOKEN"}
+)
 
 AckMode = Literal["durable", "immediate"]
 RegistrationPolicy = Literal["open", "registry"]
@@ -59,6 +64,23 @@ class ServerConfig:
     # The operator port (/metrics, /healthz, /terminals) lists terminals: loopback by default.
     http_host: str = "127.0.0.1"
     http_port: int = 9808
+    # HTTPS on the operator port: a PEM certificate chain and its key (both or neither).
+    # Without them an http_host beyond loopback is refused at start (ingest.tls.exposure)
+    # unless allow_insecure_http is set, which is then logged as a warning at every start.
+    http_tls_cert: Path | None = None
+    http_tls_key: Path | None = None
+    allow_insecure_http: bool = False
+    # The operator port's caps; the reason for each default is in ingest.limits.
+    http_max_head_bytes: int = limits.MAX_REQUEST_HEAD_BYTES
+    http_max_headers: int = limits.MAX_REQUEST_HEADERS
+    http_head_timeout_s: float = limits.HEAD_TIMEOUT_S
+    http_body_timeout_s: float = limits.REQUEST_TIMEOUT_S
+    http_max_body_bytes: int = limits.MAX_REQUEST_BODY_BYTES
+    http_max_masterdata_body_bytes: int = limits.MAX_MASTERDATA_BODY_BYTES
+    http_max_connections: int = limits.MAX_OPEN_CONNECTIONS
+    http_max_connections_per_address: int = limits.MAX_CONNECTIONS_PER_ADDRESS
+    http_max_streams: int = limits.MAX_STREAMS
+    http_max_streams_per_user: int = limits.MAX_STREAMS_PER_USER
     workers: int = 1
     # Accepted connections beyond this are closed at once.  A terminal holds one connection;
     # 20 000 covers a large municipal fleet with room, and bounds sockets and tasks.
@@ -78,6 +100,16 @@ class ServerConfig:
     auth_failures_per_address: int = 100
     auth_failure_window_s: float = 300.0
     auth_lockout_s: float = 300.0
+    # Operator accounts on the operator port (ingest.access): every request but /healthz needs
+    # a bearer token; /metrics too unless metrics_public (Prometheus scrapes without one).
+    metrics_public: bool = True
+    # Requests with a wrong token from one address within the window before the address is
+    # answered 429 for http_login_lockout_s, unchecked.  An operator mistypes a few times; a
+    # script with a stale token retries a few times a minute; 20 is past both, and 256-bit
+    # tokens cannot be guessed anyway: the lock-out bounds the cost (a database lookup each).
+    http_login_failures_per_address: int = 20
+    http_login_failure_window_s: float = 300.0
+    http_login_lockout_s: float = 300.0
 
     # -- timeouts
     # JT/T 808-2019 table 20, parameter 0x0001; 60 s is the usual factory setting.
@@ -178,6 +210,18 @@ class ServerConfig:
             return self.idle_timeout_s
         return min(3 * self.heartbeat_interval_s, self.idle_timeout_cap_s)
 
+    @property
+    def http_limits(self) -> HttpLimits:
+        """The operator port's caps (the ``http_*`` limit fields)."""
+        return HttpLimits(**_http_limit_values(self))
+
+
+def _http_limit_values(config: ServerConfig) -> dict[str, Any]:
+    return {name: getattr(config, f"http_{name}") for name in _HTTP_LIMIT_FIELDS}
+
+
+_HTTP_LIMIT_FIELDS = tuple(f.name for f in dataclasses.fields(HttpLimits))
+
 
 def _validate(config: ServerConfig) -> list[str]:
     problems = []
@@ -202,10 +246,12 @@ def _validate(config: ServerConfig) -> list[str]:
             "command_retries",
             "auth_failures_per_phone",
             "auth_failures_per_address",
+            "http_login_failures_per_address",
         )
         if getattr(config, name) < 0
     )
     problems.extend(_reassembly_problems(config))
+    problems.extend(_http_problems(config))
     if config.node_id is not None and not config.node_id.strip():
         problems.append("node_id must not be blank")
     for name in (
@@ -218,6 +264,8 @@ def _validate(config: ServerConfig) -> list[str]:
         "command_timeout_s",
         "auth_failure_window_s",
         "auth_lockout_s",
+        "http_login_failure_window_s",
+        "http_login_lockout_s",
     ):
         value = getattr(config, name)
         if not (value > 0 and math.isfinite(value)):
@@ -236,6 +284,14 @@ def _validate(config: ServerConfig) -> list[str]:
         problems.append(f"ack must be one of {typing.get_args(AckMode)}")
     if config.registration not in typing.get_args(RegistrationPolicy):
         problems.append(f"registration must be one of {typing.get_args(RegistrationPolicy)}")
+    return problems
+
+
+def _http_problems(config: ServerConfig) -> list[str]:
+    problems = []
+    if (config.http_tls_cert is None) != (config.http_tls_key is None):
+        problems.append("http_tls_cert and http_tls_key go together: set both or neither")
+    problems.extend(limit_problems(_http_limit_values(config), prefix="http_"))
     return problems
 
 
@@ -260,6 +316,9 @@ _FLAG_FIELDS = {
     "host": "host",
     "port": "port",
     "http_port": "http_port",
+    "http_tls_cert": "http_tls_cert",
+    "http_tls_key": "http_tls_key",
+    "allow_insecure_http": "allow_insecure_http",
     "ack": "ack",
     "registration": "registration",
     "workers": "workers",
@@ -275,7 +334,11 @@ _FLAG_FIELDS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the server's flags.  Unset flags stay None so weaker sources can fill them."""
     parser.add_argument("--config", metavar="FILE", type=Path, help="TOML configuration file")
-    parser.add_argument("--dsn", help="PostgreSQL connection string")
+    parser.add_argument(
+        "--dsn",
+        help="PostgreSQL connection string (default: $JT808_DSN; none: an embedded database "
+        "in --data-dir)",
+    )
     parser.add_argument(
         "--storage-backend",
         dest="storage_backend",
@@ -283,18 +346,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="positions storage of a new schema (default auto: TimescaleDB when installed, or "
         "available and preloaded; else partitions)",
     )
-    parser.add_argument("--host", help="address to listen on for terminals")
+    parser.add_argument(
+        "--host", help="address to listen on for terminals (default 0.0.0.0: every interface)"
+    )
     parser.add_argument("--port", type=int, help="TCP port for terminals (default 6808)")
     parser.add_argument("--http-port", type=int, help="operator HTTP port (default 9808)")
     parser.add_argument(
-        "--ack", choices=typing.get_args(AckMode), help="acknowledge after storage or at once"
+        "--http-tls-cert",
+        dest="http_tls_cert",
+        type=Path,
+        metavar="FILE",
+        help="serve the operator port over HTTPS with this PEM certificate chain",
+    )
+    parser.add_argument(
+        "--http-tls-key",
+        dest="http_tls_key",
+        type=Path,
+        metavar="FILE",
+        help="the PEM private key of --http-tls-cert",
+    )
+    parser.add_argument(
+        "--allow-insecure-http",
+        dest="allow_insecure_http",
+        action="store_true",
+        default=None,
+        help="allow plain HTTP on an operator port beyond loopback (a warning every start)",
+    )
+    parser.add_argument(
+        "--ack",
+        choices=typing.get_args(AckMode),
+        help="acknowledge after storage or at once (default durable)",
     )
     parser.add_argument(
         "--registration",
         choices=typing.get_args(RegistrationPolicy),
-        help="open: any terminal may register; registry: provisioned terminals only",
+        help="open: any terminal may register; registry: provisioned terminals only (default open)",
     )
-    parser.add_argument("--workers", type=int, metavar="N", help="server processes")
+    parser.add_argument("--workers", type=int, metavar="N", help="server processes (default 1)")
     parser.add_argument(
         "--capture", dest="capture_dir", type=Path, metavar="DIR", help="record inbound bytes"
     )

@@ -46,6 +46,16 @@ operators' curl need.
   ``{"error": "invalid", "detail", "problems": [...]}`` listing every problem, and nothing is
   stored.  The object formats are :class:`~ingest.interfaces.MasterDataAdmin`'s.
 
+Operator access
+    Every request but ``/healthz`` (and ``/metrics`` while ``metrics_public``) needs
+    ``Authorization: Bearer <token>`` of an account (:class:`~ingest.interfaces.OperatorAccess`;
+    without one the port lets nobody in): none, or an unknown, expired or revoked token, is 401
+    with ``WWW-Authenticate: Bearer``; a request the account's role or unit does not allow is
+    403 ``{"error": "forbidden", ...}`` and stores nothing (:mod:`ingest.access` decides).  An
+    address that sent ``login_lockout.failures`` wrong tokens within its window is answered 429
+    without any check for the lock-out's time.  Writes name their account and address to the
+    audit trail; ``GET /audit?since=ISO&user=NAME&limit=N`` (admins) reads it.
+
 Any endpoint whose backing service cannot answer now
 (:class:`~ingest.interfaces.ServiceUnavailableError`) answers 503 ``{"error": "unavailable",
 "detail"}``.  Request bodies must be UTF-8 JSON (RFC 8259) nested at most
@@ -68,7 +78,16 @@ Slow clients and slots
     and every error answer) are answered as soon as their head is read, without any slot;
     only long-running requests take one: a command (:data:`MAX_COMMANDS`), an alert stream
     (:data:`MAX_STREAMS`) or a master-data request (:data:`MAX_MASTERDATA_REQUESTS`), each
-    answered 503 ``busy`` when its slots are taken.
+    answered 503 ``busy`` when its slots are taken.  One address may hold
+    :data:`~ingest.limits.MAX_CONNECTIONS_PER_ADDRESS` connections (at that cap its own
+    slowest head makes room, else the new one is answered 429 and closed) and one user
+    :data:`~ingest.limits.MAX_STREAMS_PER_USER` alert streams (429 beyond).  Every cap is a
+    setting (:class:`~ingest.limits.HttpLimits`); :mod:`ingest.limits` gives their reasons.
+
+TLS
+    Given an ``ssl.SSLContext`` (:func:`ingest.tls.server_context`) the port speaks HTTPS only.
+    The handshake is part of reading the head, within the same deadline; a client that fails
+    it (plain HTTP, an unknown CA, a stalled handshake) loses its own connection only.
 """
 
 from __future__ import annotations
@@ -80,6 +99,7 @@ import json
 import logging
 import math
 import re
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -89,6 +109,8 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from ingest import access
+from ingest.access import Actor, AuditEntry, Principal
 from ingest.commands import CommandError
 from ingest.interfaces import (
     AlertFeed,
@@ -96,48 +118,42 @@ from ingest.interfaces import (
     AlertVocabulary,
     MasterDataAdmin,
     MasterDataRejected,
+    OperatorAccess,
     ServiceUnavailableError,
     UnknownAlertValueError,
 )
+from ingest.limits import (
+    HEAD_TIMEOUT_S,
+    MAX_CONNECTIONS_PER_ADDRESS,
+    MAX_MASTERDATA_BODY_BYTES,
+    MAX_OPEN_CONNECTIONS,
+    MAX_REQUEST_BODY_BYTES,
+    MAX_REQUEST_HEAD_BYTES,
+    MAX_REQUEST_HEADERS,
+    MAX_STREAMS,
+    MAX_STREAMS_PER_USER,
+    REQUEST_TIMEOUT_S,
+    HttpLimits,
+    KeyedCounts,
+)
+from ingest.lockout import AuthLockout, LockoutPolicy
 from ingest.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-# A request is a GET line and a few headers; h11 refuses heads past this size (431).
-MAX_REQUEST_HEAD_BYTES = 16 * 1024
+# The caps of heads, bodies, connections and streams (and their reasons) are in ingest.limits;
+# the names above are the defaults, which an OperatorHttp built without limits takes.
 RECV_BYTES = 4096
-# A request head is one packet from curl, Prometheus or an orchestrator's probe.  5 s outlasts
-# two retransmissions of a lost packet (TCP's first retransmission timeout is 1 s, then 2 s:
-# RFC 6298), and is all a client that trickles its head holds a connection for.
-HEAD_TIMEOUT_S = 5.0
-# Connections of this port at once, whatever they are doing.  File descriptors are shared with
-# the terminal port: ~18,000 terminal connections under a 20,000 descriptor limit leave ~2,000
-# for database connections, spool, media and capture files and this port; 512 keeps most of
-# that for the rest.  Each holds at most a head and a short body here (2 x 16 KiB): 16 MiB.
-MAX_OPEN_CONNECTIONS = 512
 # No short endpoint takes a body; one sent anyway is read (so that closing the connection does
 # not reset it before the client reads our answer) up to this, within the head's time.
 MAX_SHORT_BODY_BYTES = 16 * 1024
 # Commands wait for their terminal up to the whole retransmission schedule: 16 at once is a
 # few operators' worth; more are answered 503 "busy".
 MAX_COMMANDS = 16
-# Alert streams hold their connection for as long as the operator watches: a few operators'
-# ``alerts tail`` and a dashboard or two.  More are answered 503.
-MAX_STREAMS = 8
 # Master-data requests at once (more are answered 503 "busy"): writes serialise on the version
 # row anyway and the database adapter runs two at a time, and four bound the bodies held to
 # 64 MiB (see MAX_MASTERDATA_BODY_BYTES; their parsed form is several times that).
 MAX_MASTERDATA_REQUESTS = 4
-# A client gets this long to send a long request's body, and again to take the response (a
-# command's own wait for the terminal is bounded by its retransmission schedule).
-REQUEST_TIMEOUT_S = 10.0
-# A command body is a few fields; a 0x8108 firmware package or a long route given as JSON hex
-# is the largest, and 1 MiB holds far more than one such command's 64 Ki packages need.
-MAX_REQUEST_BODY_BYTES = 1024 * 1024
-# Master data is posted in bulk: a fence set of 1,000 polygons of ~100 vertices is ~4 MB of
-# GeoJSON, and a year of a unit's filings a few MB.  16 MiB holds that with room and still
-# bounds what one request may make us hold.
-MAX_MASTERDATA_BODY_BYTES = 16 * 1024 * 1024
 # JSON nesting accepted in a body.  The deepest document an endpoint takes is a GeoJSON
 # MultiPolygon (collection, features, feature, geometry, coordinates, polygon, ring, point:
 # 8 levels); 64 is eight times that, and far inside Python's recursion limit (1,000 frames)
@@ -154,7 +170,20 @@ EVENT_STREAM = "text/event-stream"
 JSON = "application/json"
 _COMMANDS_PATH = re.compile(rb"/terminals/([^/]+)/commands")
 _MASTERDATA_PATHS = frozenset({b"/vehicles", b"/fences", b"/filings"})
+# One filing with every version of it (GET only); ids are bigint identities (18 digits fit).
+_FILING_PATH = re.compile(rb"/filings/([0-9]{1,18})")
 _STREAM_PATH = b"/alerts/stream"
+_AUDIT_PATH = b"/audit"
+# Client addresses whose failed logins are remembered.  Operators and their tools come from a
+# few dozen addresses; 10,000 entries (each a few failure times) are under 10 MB, and past
+# that the address that failed longest ago is forgotten first, so a flood from many addresses
+# cannot grow memory.
+MAX_LOGIN_ADDRESSES = 10_000
+# The login lock-out when none is given: 20 failures within 5 minutes lock an address for 5
+# (the defaults of ingest.config, where the reasons are).
+LOGIN_LOCKOUT = LockoutPolicy(failures=20, window_s=300.0, lockout_s=300.0)
+# Audit rows ``GET /audit`` answers at most (``?limit=`` lowers it): ~1 KB each, 10 MB.
+MAX_AUDIT_ROWS = 10_000
 # An event id is an alert_events seq, a PostgreSQL bigint: 18 digits stay below 2**63.
 _EVENT_ID = re.compile(r"[0-9]{1,18}")
 # Filing times without an offset are China time, as in the CSV import.
@@ -170,6 +199,14 @@ _INTERNAL_RAW = (
     b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_INTERNAL_BODY), _INTERNAL_BODY)
 )
+# The answer to a plain connection past its address's cap, sent before its request is read.
+_CROWDED_BODY = b'{"error": "too_many_connections"}'
+_CROWDED_RAW = (
+    b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_CROWDED_BODY), _CROWDED_BODY)
+)
+# Sending that answer waits no longer than this (it fits any socket buffer; this is a backstop).
+_CROWDED_SEND_S = 1.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -180,18 +217,21 @@ class _Answer:
     body: bytes
     content_type: str = JSON
     allow: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class _Exchange:
     """One connection: its stream, h11 state, the request once read, and whether a response
     has begun (after which an error can only close the connection)."""
 
-    __slots__ = ("conn", "request", "started", "stream")
+    __slots__ = ("address", "conn", "principal", "request", "started", "stream")
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.abc.Stream, address: str, max_head_bytes: int) -> None:
         self.stream = stream
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES)
+        self.address = address
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
         self.request: h11.Request | None = None
+        self.principal: Principal | None = None  # once authenticated
         self.started = False
 
     def describe(self) -> str:
@@ -208,7 +248,9 @@ class OperatorHttp:
     older ``healthy`` flag when both are given; with neither, ``/healthz`` answers ok while the
     port serves.  ``metrics`` (optional) receives ``jt808_http_requests{status}`` for every
     answer and ``jt808_contained_errors{where="http"}`` for every error contained.
-    ``heartbeat_s`` is the alert streams' heartbeat interval (tests shorten it).
+    ``heartbeat_s`` is the alert streams' heartbeat interval (tests shorten it).  ``limits``
+    are the port's caps (None: the defaults of :mod:`ingest.limits`, as this module names
+    them); with ``tls`` (a server-side context) the port speaks HTTPS only.
     """
 
     def __init__(
@@ -225,6 +267,11 @@ class OperatorHttp:
         masterdata: MasterDataAdmin | None = None,
         metrics: Metrics | None = None,
         heartbeat_s: float = HEARTBEAT_S,
+        limits: HttpLimits | None = None,
+        tls: ssl.SSLContext | None = None,
+        access: OperatorAccess | None = None,
+        metrics_public: bool = True,
+        login_lockout: LockoutPolicy = LOGIN_LOCKOUT,
     ) -> None:
         if not heartbeat_s > 0:
             raise ValueError(f"heartbeat_s must be positive, got {heartbeat_s}")
@@ -239,12 +286,25 @@ class OperatorHttp:
         self.masterdata = masterdata
         self.metrics = metrics
         self.heartbeat_s = heartbeat_s
+        self.limits = limits if limits is not None else _default_limits()
+        self.tls = tls
+        self.access = access
+        self.metrics_public = metrics_public
+        # Failed logins per client address (the per-phone scope of the lock-out is unused).
+        self._logins = AuthLockout(
+            per_phone=LockoutPolicy(failures=0, window_s=1.0, lockout_s=1.0),
+            per_address=login_lockout,
+            max_keys=MAX_LOGIN_ADDRESSES,
+        )
         self._open: set[_Exchange] = set()
+        # Connections per client address, and alert streams per owner (see stream_owner).
+        self._per_address = KeyedCounts()
+        self._stream_owners = KeyedCounts()
         # The connections still reading their head, oldest first (dicts keep insertion order):
         # the ones a new connection may take the place of.
         self._reading: dict[_Exchange, trio.CancelScope] = {}
         self._command_slots = trio.CapacityLimiter(MAX_COMMANDS)
-        self._stream_slots = trio.CapacityLimiter(MAX_STREAMS)
+        self._stream_slots = trio.CapacityLimiter(self.limits.max_streams)
         self._masterdata_slots = trio.CapacityLimiter(MAX_MASTERDATA_REQUESTS)
 
     @property
@@ -258,7 +318,8 @@ class OperatorHttp:
         """Serve until cancelled; reports the bound port(s)."""
         listeners = await trio.open_tcp_listeners(self.port, host=self.host)
         ports = [listener.socket.getsockname()[1] for listener in listeners]
-        logger.info("operator HTTP on %s port(s) %s", self.host, ports)
+        scheme = "HTTP" if self.tls is None else "HTTPS"
+        logger.info("operator %s on %s port(s) %s", scheme, self.host, ports)
         async with trio.open_nursery() as nursery:
             task_status.started(ports)
             await trio.serve_listeners(self._serve, listeners, handler_nursery=nursery)
@@ -266,32 +327,69 @@ class OperatorHttp:
     # -- one connection
 
     async def _serve(self, stream: trio.SocketStream) -> None:
-        exchange = _Exchange(stream)
-        if not self._admit():
+        # The TLS handshake happens on the first read, within the head's deadline.
+        wrapped: trio.abc.Stream = stream
+        if self.tls is not None:
+            wrapped = trio.SSLStream(stream, self.tls, server_side=True, https_compatible=True)
+        exchange = _Exchange(wrapped, _peer_address(stream), self.limits.max_head_bytes)
+        refused = self._admit(exchange)
+        if refused is not None:
+            if refused == "address" and self.tls is None:
+                self._count(429)
+                with (
+                    trio.move_on_after(_CROWDED_SEND_S),
+                    contextlib.suppress(trio.BrokenResourceError),
+                ):
+                    await stream.send_all(_CROWDED_RAW)
             await trio.aclose_forcefully(stream)
             return
         self._open.add(exchange)
+        self._per_address.add(exchange.address)
         try:
             await self._handle(exchange)
         except Exception as exc:  # noqa: BLE001 - the one guard of a request: see the module
             await self._contain(exchange, exc)
         finally:
             self._open.discard(exchange)
+            self._per_address.remove(exchange.address)
             self._reading.pop(exchange, None)
             await trio.aclose_forcefully(stream)
 
-    def _admit(self) -> bool:
-        """Room for one more connection: at the cap, the one reading its head longest is
-        cancelled (it closes at once); False when every connection is past its head."""
-        if len(self._open) < MAX_OPEN_CONNECTIONS:
-            return True
-        if not self._reading:
-            logger.debug("operator HTTP: %s connections busy; refused one", len(self._open))
+    def _admit(self, exchange: _Exchange) -> str | None:
+        """Room for one more connection, from its address and on the port: at either cap, the
+        connection (of that address, or any) reading its head longest is cancelled to make room
+        (it closes at once).  None: admitted; else the cap that refused it, ``"address"`` or
+        ``"port"``, every connection concerned being past its head."""
+        limits = self.limits
+        if self._per_address[exchange.address] >= limits.max_connections_per_address:
+            return None if self._make_room(exchange.address) else "address"
+        if len(self._open) >= limits.max_connections:
+            return None if self._make_room(None) else "port"
+        return None
+
+    def _make_room(self, address: str | None) -> bool:
+        """Cancel the connection (from ``address``, or any) reading its head longest; False
+        when there is none."""
+        oldest = next((e for e in self._reading if address in (None, e.address)), None)
+        if oldest is None:
+            logger.debug(
+                "operator HTTP: %s connections busy (%s from %s); refused one",
+                len(self._open),
+                self._per_address[address] if address else "any",
+                address or "anywhere",
+            )
             return False
-        oldest = next(iter(self._reading))
         self._reading.pop(oldest).cancel()
         logger.debug("operator HTTP: %s connections open; closed the slowest", len(self._open))
         return True
+
+    def stream_owner(self, exchange: _Exchange) -> str:
+        """Whose share of the alert streams a stream request counts against: the client's
+        address.  (Requests that carry a user count against the user instead, wherever they
+        come from: this is the one place to say so.)"""
+        if exchange.principal is not None:
+            return f"user {exchange.principal.name}"
+        return exchange.address
 
     async def _contain(self, exchange: _Exchange, exc: Exception) -> None:
         """The guard's handling of an error raised while serving ``exchange``."""
@@ -319,7 +417,7 @@ class OperatorHttp:
                 await exchange.stream.send_all(data)
 
     async def _handle(self, exchange: _Exchange) -> None:
-        head = trio.CancelScope(deadline=trio.current_time() + HEAD_TIMEOUT_S)
+        head = trio.CancelScope(deadline=trio.current_time() + self.limits.head_timeout_s)
         self._reading[exchange] = head
         request = None
         with head:
@@ -327,16 +425,19 @@ class OperatorHttp:
         self._reading.pop(exchange, None)
         if request is None:
             return  # closed, too slow, made room for another, or answered 4xx already
+        if not await self._authorise(exchange, request, head.deadline):
+            return  # answered 401, 403, 429 or 503
         kind = self._kind(request)
         if kind is None:
             content = await self._read_body(exchange, MAX_SHORT_BODY_BYTES, head.deadline)
             if content is not None:
-                await self._reply(exchange, self._short(request))
+                await self._reply(exchange, await self._short_scoped(exchange, request))
             return
         slots = {
             "command": self._command_slots,
             "stream": self._stream_slots,
             "masterdata": self._masterdata_slots,
+            "audit": self._masterdata_slots,  # a database read like master data's
         }[kind]
         slot = object()
         try:
@@ -364,7 +465,90 @@ class OperatorHttp:
             and path in _MASTERDATA_PATHS
         ):
             return "masterdata"
+        if (
+            self.masterdata is not None
+            and method in (b"GET", b"HEAD")
+            and _FILING_PATH.fullmatch(path)
+        ):
+            return "masterdata"
+        if self.access is not None and method in (b"GET", b"HEAD") and path == _AUDIT_PATH:
+            return "audit"
         return None
+
+    # -- access
+
+    async def _authorise(self, exchange: _Exchange, request: h11.Request, deadline: float) -> bool:
+        """Whether the request may go on (public, or its bearer token's account may make it:
+        :mod:`ingest.access`); else it is answered 401, 403, 429 (its address failed too often:
+        not even checked) or 503 (the accounts cannot be read now)."""
+        method = request.method.decode("ascii", "replace")
+        route = access.route_of(_path(request).decode("utf-8", "replace"))
+        if access.is_public(route, metrics_public=self.metrics_public):
+            return True
+        now = trio.current_time()
+        if self._logins.locked(phone="", address=exchange.address, now=now):
+            if self.metrics is not None:
+                self.metrics.http_login_refused.inc()
+            detail = "too many requests with a wrong token from this address; try again later"
+            await self._deny(exchange, _error(429, "too_many_failures", detail), deadline)
+            return False
+        token = access.bearer_token(_header(request, b"authorization"))
+        principal = None
+        if token is not None and self.access is not None:
+            try:
+                principal = await self.access.authenticate(token)
+            except ServiceUnavailableError as exc:
+                await self._deny(exchange, _error(503, "unavailable", str(exc)), deadline)
+                return False
+        if principal is None:
+            if self.metrics is not None:
+                reason = "missing" if token is None else "invalid"
+                self.metrics.http_login_failures.labels(reason).inc()
+            if token is not None:
+                self._logins.failure(phone=None, address=exchange.address, now=now)
+            await self._deny(exchange, _UNAUTHORISED if token is None else _BAD_TOKEN, deadline)
+            return False
+        exchange.principal = principal
+        if not access.allowed(principal, method, route):
+            detail = (
+                f"{method} {route} needs the {access.required_role(method, route)} role; "
+                f"{principal.name} is a {principal.role}"
+            )
+            await self._deny(exchange, _error(403, "forbidden", detail), deadline)
+            return False
+        return True
+
+    async def _deny(self, exchange: _Exchange, answer: _Answer, deadline: float) -> None:
+        """Answer a refused request, after reading a short body it sent (so that closing the
+        connection does not reset it before the client reads the answer).  A client waiting
+        for ``100 Continue`` gets the answer at once, and sends no body."""
+        if not exchange.conn.they_are_waiting_for_100_continue:
+            with trio.move_on_after(max(0.0, deadline - trio.current_time())):
+                with contextlib.suppress(h11.RemoteProtocolError):
+                    await _body(exchange, MAX_SHORT_BODY_BYTES)
+        await self._reply(exchange, answer)
+
+    def _actor(self, exchange: _Exchange) -> Actor | None:
+        principal = exchange.principal
+        return None if principal is None else Actor(name=principal.name, source=exchange.address)
+
+    async def _short_scoped(self, exchange: _Exchange, request: h11.Request) -> _Answer:
+        """:meth:`_short`, with ``/terminals`` limited to a unit-bound principal's unit."""
+        answer = self._short(request)
+        principal = exchange.principal
+        if answer.status != 200 or _path(request) != b"/terminals":
+            return answer
+        if principal is None or principal.unit is None:
+            return answer
+        try:
+            vehicles = [] if self.masterdata is None else await self.masterdata.vehicles()
+        except ServiceUnavailableError as exc:
+            return _error(503, "unavailable", str(exc))
+        phones = access.phones_of_unit(principal, vehicles)
+        return _Answer(
+            200,
+            _json([t for t in self.terminals() if str(t.get("phone", "")).lstrip("0") in phones]),
+        )
 
     # -- reading
 
@@ -378,9 +562,13 @@ class OperatorHttp:
                 await self._reply(exchange, _protocol_error(exc))
                 return None
             if event is h11.NEED_DATA:
-                conn.receive_data(await exchange.stream.receive_some(RECV_BYTES))
+                conn.receive_data(bytes(await exchange.stream.receive_some(RECV_BYTES)))
             elif isinstance(event, h11.Request):
                 exchange.request = event
+                problem = _head_problem(event, self.limits)
+                if problem is not None:
+                    await self._reply(exchange, _error(431, "bad_request", problem))
+                    return None
                 return event
             else:
                 return None  # ConnectionClosed: it left without asking anything
@@ -424,8 +612,12 @@ class OperatorHttp:
             return _NOT_FOUND if self.command is None else _not_allowed("POST")
         if path in _MASTERDATA_PATHS:
             return _NOT_FOUND if self.masterdata is None else _not_allowed("GET, HEAD, POST")
+        if _FILING_PATH.fullmatch(path):
+            return _NOT_FOUND if self.masterdata is None else _not_allowed("GET, HEAD")
         if path == _STREAM_PATH:
             return _NOT_FOUND if self.alerts is None else _not_allowed("GET")
+        if path == _AUDIT_PATH:
+            return _NOT_FOUND if self.access is None else _not_allowed("GET, HEAD")
         if method not in (b"GET", b"HEAD"):
             return _not_allowed("GET, HEAD")
         if path == b"/metrics":
@@ -454,22 +646,35 @@ class OperatorHttp:
     async def _long(self, exchange: _Exchange, request: h11.Request, kind: str) -> None:
         if kind == "stream":
             assert self.alerts is not None
-            await self._alert_stream(exchange, request, self.alerts)
+            owner = self.stream_owner(exchange)
+            cap = self.limits.max_streams_per_user
+            if not self._stream_owners.try_add(owner, cap):
+                detail = f"{cap} alert streams are open for {owner} on this port"
+                await self._reply(exchange, _error(429, "too_many_streams", detail))
+                return
+            try:
+                await self._alert_stream(exchange, request, self.alerts)
+            finally:
+                self._stream_owners.remove(owner)
             return
         path = _path(request)
-        cap = MAX_REQUEST_BODY_BYTES if kind == "command" else MAX_MASTERDATA_BODY_BYTES
-        content = await self._read_body(exchange, cap, trio.current_time() + REQUEST_TIMEOUT_S)
+        limits = self.limits
+        cap = limits.max_body_bytes if kind == "command" else limits.max_masterdata_body_bytes
+        content = await self._read_body(exchange, cap, trio.current_time() + limits.body_timeout_s)
         if content is None:
             return
         if kind == "command":
             match = _COMMANDS_PATH.fullmatch(path)
             assert match is not None
-            answer = await self._command(match.group(1).decode("ascii", "replace"), content)
+            phone = match.group(1).decode("ascii", "replace")
+            answer = await self._command(exchange, phone, content)
+        elif kind == "audit":
+            answer = await self._audit(exchange, request)
         else:
-            answer = await self._masterdata(request, path, content)
+            answer = await self._masterdata(exchange, request, path, content)
         await self._reply(exchange, answer)
 
-    async def _command(self, phone: str, content: bytes) -> _Answer:
+    async def _command(self, exchange: _Exchange, phone: str, content: bytes) -> _Answer:
         assert self.command is not None
         try:
             document = parse_json(content)
@@ -482,6 +687,9 @@ class OperatorHttp:
             detail = f"unknown key(s) {', '.join(unknown)}" if unknown else "msg_id is required"
             return _error(400, "bad_request", detail)
         try:
+            refused = await self._command_refused(exchange, phone, document)
+            if refused is not None:
+                return refused
             result = await self.command(phone, document["msg_id"], document.get("body"))
         except CommandError as error:
             return _Answer(error.status, _json(error.to_json()))
@@ -489,26 +697,68 @@ class OperatorHttp:
             return _error(503, "unavailable", str(exc))
         return _Answer(200, _json(result))
 
-    async def _masterdata(self, request: h11.Request, path: bytes, content: bytes) -> _Answer:
+    async def _command_refused(
+        self, exchange: _Exchange, phone: str, document: Mapping[str, Any]
+    ) -> _Answer | None:
+        """403 for a terminal of another unit than the principal's; else None, once the
+        command is in the audit trail (a command that cannot be recorded is not sent)."""
+        principal = exchange.principal
+        if principal is None:
+            return None
+        if principal.unit is not None:
+            vehicles = None if self.masterdata is None else await self.masterdata.vehicles()
+            if not access.may_command(principal, phone, vehicles):
+                detail = f"terminal {phone[:20]} is not fitted to a vehicle of {principal.unit}"
+                return _error(403, "forbidden", detail)
+        actor = self._actor(exchange)
+        if self.access is not None and actor is not None:
+            entry = AuditEntry(
+                actor=actor,
+                action="command.send",
+                kind="terminal",
+                key=phone[:40],
+                unit=principal.unit,
+                after={"msg_id": document["msg_id"], "body": document.get("body")},
+            )
+            await self.access.record(entry)
+        return None
+
+    async def _masterdata(
+        self, exchange: _Exchange, request: h11.Request, path: bytes, content: bytes
+    ) -> _Answer:
         admin = self.masterdata
         assert admin is not None
+        principal = exchange.principal
         try:
+            one = _FILING_PATH.fullmatch(path)
+            if one is not None:
+                return await _one_filing(admin, int(one.group(1)), principal)
             if request.method in (b"GET", b"HEAD"):
                 try:
                     since = _masterdata_query(request, path)
                 except ValueError as exc:
                     return _error(400, "bad_request", str(exc))
-                return _Answer(200, _json(await _read_masterdata(admin, path, since)))
+                document = await _read_masterdata(admin, path, since)
+                if principal is not None and principal.unit is not None:
+                    document = await _scoped_read(admin, path, document, principal)
+                return _Answer(200, _json(document))
             try:
                 document = _masterdata_document(path, parse_json(content))
             except ValueError as exc:
                 return _error(400, "bad_request", str(exc))
+            if principal is not None:
+                problems = await _write_problems(admin, path, document, principal)
+                if problems:
+                    detail = f"{principal.name} may not write this; nothing stored"
+                    body = {"error": "forbidden", "detail": detail, "problems": problems}
+                    return _Answer(403, _json(body))
+            actor = self._actor(exchange)
             if path == b"/fences":
-                ids = await admin.add_fences(document)
+                ids = await admin.add_fences(document, actor=actor)
             elif path == b"/filings":
-                ids = await admin.add_filings(document)
+                ids = await admin.add_filings(document, actor=actor)
             else:
-                ids = await admin.add_vehicles(document)
+                ids = await admin.add_vehicles(document, actor=actor)
         except MasterDataRejected as exc:
             detail = f"{len(exc.problems)} problem(s), nothing stored"
             body = {"error": "invalid", "detail": detail, "problems": list(exc.problems)}
@@ -516,6 +766,22 @@ class OperatorHttp:
         except ServiceUnavailableError as exc:
             return _error(503, "unavailable", str(exc))
         return _Answer(201, _json({"ids": ids}))
+
+    async def _audit(self, exchange: _Exchange, request: h11.Request) -> _Answer:
+        """``GET /audit?since=ISO&user=U&limit=N``: the audit trail, oldest first (an admin
+        bound to a unit sees the rows about its unit)."""
+        assert self.access is not None
+        principal = exchange.principal
+        try:
+            since, user, limit = _audit_query(request)
+        except ValueError as exc:
+            return _error(400, "bad_request", str(exc))
+        unit = None if principal is None else principal.unit
+        try:
+            rows = await self.access.audit(since=since, user=user, unit=unit, limit=limit)
+        except ServiceUnavailableError as exc:
+            return _error(503, "unavailable", str(exc))
+        return _Answer(200, _json(rows))
 
     async def _alert_stream(
         self, exchange: _Exchange, request: h11.Request, feed: AlertFeed
@@ -528,6 +794,13 @@ class OperatorHttp:
         except ValueError as exc:
             await self._reply(exchange, _error(400, "bad_request", str(exc)))
             return
+        if exchange.principal is not None:
+            try:
+                unit = access.alert_unit(exchange.principal, filters.unit)
+            except ValueError as exc:
+                await self._reply(exchange, _error(403, "forbidden", str(exc)))
+                return
+            filters = dataclasses.replace(filters, unit=unit)
         try:
             # Also the probe that the feed answers at all, before the 200 goes out.
             head_seq = await feed.last_seq()
@@ -584,7 +857,7 @@ class _EventBody:
 
     __slots__ = ("_conn", "_ended", "_lock", "_stream", "last_write")
 
-    def __init__(self, conn: h11.Connection, stream: trio.SocketStream) -> None:
+    def __init__(self, conn: h11.Connection, stream: trio.abc.Stream) -> None:
         self._conn = conn
         self._stream = stream
         self._lock = trio.Lock()
@@ -665,7 +938,7 @@ async def _body(exchange: _Exchange, cap: int) -> bytes | None:
             if conn.they_are_waiting_for_100_continue:  # curl asks before larger bodies
                 continuing = h11.InformationalResponse(status_code=100, headers=[])
                 await exchange.stream.send_all(conn.send(continuing) or b"")
-            conn.receive_data(await exchange.stream.receive_some(RECV_BYTES))
+            conn.receive_data(bytes(await exchange.stream.receive_some(RECV_BYTES)))
         elif isinstance(event, h11.Data):
             body += event.data
             if len(body) > cap:
@@ -674,6 +947,45 @@ async def _body(exchange: _Exchange, cap: int) -> bytes | None:
             return bytes(body)
         else:  # pragma: no cover - h11 raises for a body cut short
             raise h11.RemoteProtocolError(f"unexpected {event!r} in the request body")
+
+
+def _default_limits() -> HttpLimits:
+    """The caps by this module's names of them (read when a port is built, so a test may
+    change one here first)."""
+    return HttpLimits(
+        max_head_bytes=MAX_REQUEST_HEAD_BYTES,
+        max_headers=MAX_REQUEST_HEADERS,
+        head_timeout_s=HEAD_TIMEOUT_S,
+        body_timeout_s=REQUEST_TIMEOUT_S,
+        max_body_bytes=MAX_REQUEST_BODY_BYTES,
+        max_masterdata_body_bytes=MAX_MASTERDATA_BODY_BYTES,
+        max_connections=MAX_OPEN_CONNECTIONS,
+        max_connections_per_address=min(MAX_CONNECTIONS_PER_ADDRESS, MAX_OPEN_CONNECTIONS),
+        max_streams=MAX_STREAMS,
+        max_streams_per_user=min(MAX_STREAMS_PER_USER, MAX_STREAMS),
+    )
+
+
+def _head_problem(request: h11.Request, limits: HttpLimits) -> str | None:
+    """Why a whole head is too large (None: it is not).  h11 refuses a head that grows past
+    ``max_head_bytes`` while incomplete; one that arrived whole in a single read is measured
+    here (its parts as sent, bar a few bytes of separators)."""
+    if len(request.headers) > limits.max_headers:
+        return f"more than {limits.max_headers} header fields"
+    size = len(request.method) + len(request.target) + 11  # " " " HTTP/1.1" CRLF
+    size += sum(len(name) + len(value) + 4 for name, value in request.headers)  # ": " CRLF
+    if size > limits.max_head_bytes:
+        return f"request head larger than {limits.max_head_bytes} bytes"
+    return None
+
+
+def _peer_address(stream: trio.SocketStream) -> str:
+    """The client's address (without its port), the key of the per-address caps."""
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:  # it has gone already: it will not be served long enough to matter
+        return "unknown"
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
 
 def _path(request: h11.Request) -> bytes:
@@ -704,6 +1016,87 @@ async def _read_masterdata(admin: MasterDataAdmin, path: bytes, since: datetime 
     if path == b"/fences":
         return await admin.fences()
     return await admin.filings(since)
+
+
+async def _units(admin: MasterDataAdmin) -> dict[str, str]:
+    """plate -> unit of every vehicle."""
+    return {str(v["plate"]): str(v["unit"]) for v in await admin.vehicles()}
+
+
+async def _one_filing(
+    admin: MasterDataAdmin, filing_id: int, principal: Principal | None
+) -> _Answer:
+    """``GET /filings/{id}``: the filing and every version of it (migration 13); 404 when there
+    is none, or when it is another unit's vehicle's (a unit-bound principal)."""
+    found = await admin.filing(filing_id)
+    if (
+        found is not None
+        and principal is not None
+        and principal.unit is not None
+        and not access.visible_by_plate(principal, [found], await _units(admin))
+    ):
+        found = None
+    if found is None:
+        return _error(404, "not_found", f"no filing {filing_id}")
+    return _Answer(200, _json(found))
+
+
+async def _scoped_read(
+    admin: MasterDataAdmin, path: bytes, document: Any, principal: Principal
+) -> Any:
+    """A master-data list as a unit-bound principal sees it (fences are every unit's)."""
+    if path == b"/vehicles":
+        return access.visible(principal, document)
+    if path == b"/filings":
+        return access.visible_by_plate(principal, document, await _units(admin))
+    return document
+
+
+async def _write_problems(
+    admin: MasterDataAdmin, path: bytes, document: Any, principal: Principal
+) -> list[str]:
+    """Why the principal may not make this write (:mod:`ingest.access`); empty: it may."""
+    if principal.unit is None:
+        return []
+    if path == b"/fences":
+        return access.fence_write_problems(principal)
+    units = await _units(admin)
+    if path == b"/vehicles":
+        return access.vehicle_write_problems(principal, document, units)
+    return access.filing_write_problems(principal, document, units)
+
+
+def _audit_query(request: h11.Request) -> tuple[datetime | None, str | None, int]:
+    """``since``, ``user`` and ``limit`` of a ``GET /audit``; ValueError for bad ones."""
+    _, _, query = request.target.partition(b"?")
+    params = parse_qs(query.decode("utf-8", "replace"), keep_blank_values=False)
+    known = {"since", "user", "limit"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; known: {sorted(known)}")
+    one = {key: values[-1] for key, values in params.items()}
+    since = None
+    if "since" in one:
+        try:
+            since = datetime.fromisoformat(one["since"])
+        except ValueError:
+            raise ValueError(f"since must be an ISO 8601 time, got {one['since'][:60]!r}") from None
+        since = since if since.tzinfo is not None else since.replace(tzinfo=CHINA)
+    limit = MAX_AUDIT_ROWS
+    if "limit" in one:
+        if not one["limit"].isdigit() or not 1 <= int(one["limit"][:9]) <= MAX_AUDIT_ROWS:
+            raise ValueError(f"limit must be 1 to {MAX_AUDIT_ROWS}")
+        limit = int(one["limit"])
+    return since, one.get("user"), limit
+
+
+def _header(request: h11.Request, name: bytes) -> bytes | None:
+    """The last value of header ``name`` (lower case, as h11 gives names)."""
+    value = None
+    for key, field in request.headers:
+        if key == name:
+            value = field
+    return value
 
 
 def _masterdata_document(path: bytes, document: Any) -> Any:
@@ -850,6 +1243,19 @@ def _not_allowed(allow: str) -> _Answer:
 
 
 _NOT_FOUND = _Answer(404, _json({"error": "not found"}))
+# RFC 6750 3: a request without credentials gets the scheme; one with a bad token its error.
+_UNAUTHORISED = _Answer(
+    401,
+    _json(
+        {"error": "unauthorized", "detail": "an operator token is needed (Authorization: Bearer)"}
+    ),
+    headers=(("www-authenticate", 'Bearer realm="jt808"'),),
+)
+_BAD_TOKEN = _Answer(
+    401,
+    _json({"error": "unauthorized", "detail": "the token is unknown, expired or revoked"}),
+    headers=(("www-authenticate", 'Bearer realm="jt808", error="invalid_token"'),),
+)
 
 
 def _response(exchange: _Exchange, answer: _Answer) -> bytes:
@@ -862,6 +1268,7 @@ def _response(exchange: _Exchange, answer: _Answer) -> bytes:
     ]
     if answer.allow is not None:
         headers.append(("allow", answer.allow))
+    headers.extend(answer.headers)
     data = conn.send(h11.Response(status_code=answer.status, headers=headers)) or b""
     request = exchange.request
     if request is None or request.method != b"HEAD":
@@ -879,7 +1286,7 @@ def _peer_fault(exc: BaseException) -> bool:
     )
 
 
-async def _until_closed(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+async def _until_closed(stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
     """Cancel ``scope`` once the client closes its side (anything it sends is discarded)."""
     try:
         while await stream.receive_some(RECV_BYTES):
@@ -893,7 +1300,7 @@ def _chunk(conn: h11.Connection, data: bytes) -> bytes:
     return conn.send(h11.Data(data=data)) or b""
 
 
-async def _send(stream: trio.SocketStream, data: bytes) -> bool:
+async def _send(stream: trio.abc.Stream, data: bytes) -> bool:
     """Send within the timeout; False if the client is too slow (it is then dropped)."""
     with trio.move_on_after(REQUEST_TIMEOUT_S):
         await stream.send_all(data)

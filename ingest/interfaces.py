@@ -22,6 +22,8 @@ small protocols.  The in-memory implementations serve the tests and a database-l
   operator port (``/vehicles``, ``/fences``, ``/filings``), as plain JSON values;
   :class:`InMemoryMasterDataAdmin` for tests (the database adapter validates with
   ``storage.masterdata``'s checks).
+* :class:`OperatorAccess` -- the operator accounts behind the port's bearer tokens, and the
+  audit trail; :class:`InMemoryOperatorAccess` for tests.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
+from ingest.access import Actor, AuditEntry, Principal
 from protocol.header import Edition, Header
 from protocol.messages.location import Location
 from protocol.messages.terminal import (
@@ -802,11 +805,15 @@ class MasterDataAdmin(Protocol):
       window.  Read back with an ``"id"`` and times as ISO 8601 with their offset.
     """
 
-    async def add_vehicles(self, items: list[Any]) -> list[int]: ...
+    async def add_vehicles(self, items: list[Any], *, actor: Actor | None = None) -> list[int]:
+        """Store vehicles; ``actor`` (None: unnamed) is who the audit trail names."""
+        ...
 
-    async def add_fences(self, collection: Mapping[str, Any]) -> list[int]: ...
+    async def add_fences(
+        self, collection: Mapping[str, Any], *, actor: Actor | None = None
+    ) -> list[int]: ...
 
-    async def add_filings(self, items: list[Any]) -> list[int]: ...
+    async def add_filings(self, items: list[Any], *, actor: Actor | None = None) -> list[int]: ...
 
     async def vehicles(self) -> list[dict[str, Any]]: ...
 
@@ -814,6 +821,11 @@ class MasterDataAdmin(Protocol):
 
     async def filings(self, since: datetime | None) -> list[dict[str, Any]]:
         """Filings (every state) ending at or after ``since`` (None: all), by id."""
+        ...
+
+    async def filing(self, filing_id: int) -> dict[str, Any] | None:
+        """One filing as :meth:`filings` gives it, with ``versions``: every version of it,
+        oldest first, with when each arrived; None when there is no such filing."""
         ...
 
 
@@ -835,7 +847,7 @@ class InMemoryMasterDataAdmin:
         self._ids = itertools.count(1)
         self.changed = 0
 
-    async def add_vehicles(self, items: list[Any]) -> list[int]:
+    async def add_vehicles(self, items: list[Any], *, actor: Actor | None = None) -> list[int]:
         await trio.lowlevel.checkpoint()
         required = {"plate", "phone", "unit", "category", "exempt"}
         problems = [
@@ -854,7 +866,9 @@ class InMemoryMasterDataAdmin:
         self.changed += 1
         return ids
 
-    async def add_fences(self, collection: Mapping[str, Any]) -> list[int]:
+    async def add_fences(
+        self, collection: Mapping[str, Any], *, actor: Actor | None = None
+    ) -> list[int]:
         await trio.lowlevel.checkpoint()
         features = collection.get("features")
         if collection.get("type") != "FeatureCollection" or not isinstance(features, list):
@@ -878,7 +892,7 @@ class InMemoryMasterDataAdmin:
         self.changed += 1
         return ids
 
-    async def add_filings(self, items: list[Any]) -> list[int]:
+    async def add_filings(self, items: list[Any], *, actor: Actor | None = None) -> list[int]:
         await trio.lowlevel.checkpoint()
         problems = []
         for i, item in enumerate(items):
@@ -938,6 +952,11 @@ class InMemoryMasterDataAdmin:
             key=lambda f: int(f["id"]),
         )
 
+    async def filing(self, filing_id: int) -> dict[str, Any] | None:
+        await trio.lowlevel.checkpoint()
+        found = next((f for f in self._filings.values() if int(f["id"]) == filing_id), None)
+        return None if found is None else {**found, "versions": [dict(found)]}
+
 
 # ---------------------------------------------------------------------------------------------
 # Backing services
@@ -947,3 +966,70 @@ class ServiceUnavailableError(Exception):
     """A backing service cannot answer now (the database behind master data or the alert feed
     is unreachable or restarting); the same request may succeed later.  Adapters raise it in
     place of their store's own errors, and the operator port answers 503 ``unavailable``."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Operator access
+
+
+class OperatorAccess(Protocol):
+    """Operator accounts and the audit trail, for the operator port (:mod:`ingest.access`
+    decides what each role may do).  Any method raises :class:`ServiceUnavailableError` when
+    its store cannot answer now (the port answers 503: it never lets a request through
+    unchecked, nor a write unrecorded)."""
+
+    async def authenticate(self, token: str) -> Principal | None:
+        """The account holding the bearer ``token``; None when the token is unknown, expired
+        or revoked."""
+        ...
+
+    async def record(self, entry: AuditEntry) -> None:
+        """Append ``entry`` to the audit trail (durably, before returning)."""
+        ...
+
+    async def audit(
+        self, *, since: datetime | None, user: str | None, unit: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Audit rows at or after ``since``, by ``user``, about ``unit`` (None: any), oldest
+        first, at most ``limit``; JSON values (times as ISO 8601)."""
+        ...
+
+
+class InMemoryOperatorAccess:
+    """An :class:`OperatorAccess` in dicts, for tests and a database-less demo: ``tokens``
+    maps each bearer token to its principal; ``entries`` is the audit trail."""
+
+    # The audit entries kept: a test makes a few dozen writes; far more means a runaway loop.
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, tokens: Mapping[str, Principal] | None = None) -> None:
+        self.tokens = dict(tokens or {})
+        self.entries: collections.deque[AuditEntry] = collections.deque(maxlen=self.MAX_ENTRIES)
+
+    async def authenticate(self, token: str) -> Principal | None:
+        await trio.lowlevel.checkpoint()
+        return self.tokens.get(token)
+
+    async def record(self, entry: AuditEntry) -> None:
+        await trio.lowlevel.checkpoint()
+        self.entries.append(entry)
+
+    async def audit(
+        self, *, since: datetime | None, user: str | None, unit: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        await trio.lowlevel.checkpoint()
+        rows = [
+            {
+                "actor": e.actor.name,
+                "source": e.actor.source,
+                "action": e.action,
+                "object_kind": e.kind,
+                "object_key": e.key,
+                "unit": e.unit,
+                "before": e.before,
+                "after": e.after,
+            }
+            for e in self.entries
+            if (user is None or e.actor.name == user) and (unit is None or e.unit == unit)
+        ]
+        return rows[:limit]

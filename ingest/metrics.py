@@ -188,6 +188,17 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        self.http_login_failures = Counter(
+            "jt808_http_login_failures",
+            "Operator HTTP requests refused 401, by reason",
+            ["reason"],  # missing | invalid (unknown, expired or revoked token)
+            registry=r,
+        )
+        self.http_login_refused = Counter(
+            "jt808_http_login_refused",
+            "Operator HTTP requests answered 429 unchecked: their address failed too often",
+            registry=r,
+        )
         self.auth_locked = Counter(
             "jt808_auth_locked",
             "Authentication attempts refused unchecked during a lock-out, by what was locked",

@@ -91,6 +91,7 @@ from ingest.interfaces import (
     InMemorySessionRecords,
     InMemoryTransport,
     MediaSink,
+    OperatorAccess,
     PositionRecord,
     PositionSink,
     SessionDirectory,
@@ -119,9 +120,11 @@ from ingest.session import (
     StoreMedia,
 )
 from ingest.supervise import supervise
+from ingest.tls import server_context
 from ingest.uploads import Uploads, reassembly_limits
 from protocol.codec import Packet, StreamDecoder
 from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.fields import GMT8
 from protocol.messages.base import Fragment, Message
 from protocol.messages.control import TerminalRetransmitRequest
 from protocol.messages.terminal import REGISTER_OK, REGISTER_TERMINAL_TAKEN, Heartbeat
@@ -357,17 +360,33 @@ class Server:
         """Begin a graceful shutdown; :meth:`run` returns when it is done."""
         self._shutdown.set()
 
-    def operator_http(self) -> OperatorHttp:
-        """The operator HTTP service for this server (start its ``run`` too)."""
+    def operator_http(self, access: OperatorAccess | None = None) -> OperatorHttp:
+        """The operator HTTP service for this server (start its ``run`` too); HTTPS when the
+        config names a certificate and key (:class:`~ingest.tls.TlsSetupError` if they cannot
+        be used).  ``access``: the operator accounts (None: every request but the public ones
+        is answered 401)."""
+        config = self.config
+        tls = None
+        if config.http_tls_cert is not None and config.http_tls_key is not None:
+            tls = server_context(config.http_tls_cert, config.http_tls_key)
         return OperatorHttp(
-            host=self.config.http_host,
-            port=self.config.http_port,
+            host=config.http_host,
+            port=config.http_port,
             registry=self.metrics.registry,
             terminals=self.terminals,
             healthy=lambda: self.accepting,
             command=self.command,
             alerts=self.alerts,
             metrics=self.metrics,
+            limits=config.http_limits,
+            tls=tls,
+            access=access,
+            metrics_public=config.metrics_public,
+            login_lockout=LockoutPolicy(
+                failures=config.http_login_failures_per_address,
+                window_s=config.http_login_failure_window_s,
+                lockout_s=config.http_login_lockout_s,
+            ),
         )
 
     def _session_rows(self) -> list[tuple[str, datetime, str]]:
@@ -805,8 +824,9 @@ class _Connection:
             "node": self.server.node_id,
             "edition": int(self.session.edition) if self.session.edition else None,
             "peer": self.peer,
-            "connected_since": self.connected_since.isoformat(),
-            "last_seen": self.last_seen.isoformat(),
+            # China time, as every other time the platform shows
+            "connected_since": self.connected_since.astimezone(GMT8).isoformat(),
+            "last_seen": self.last_seen.astimezone(GMT8).isoformat(),
         }
 
     # -- control from outside

@@ -19,8 +19,8 @@ import contextlib
 import csv
 import io
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime, timedelta, timezone
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
@@ -86,6 +86,7 @@ FILING_COLUMNS = (
     "approver",
     "filed_at",
     "state",
+    "id",  # optional: the filing a row corrects (a new version of it)
 )
 _FILING_REQUIRED = FILING_COLUMNS[:7]
 FENCE_COLUMNS = (
@@ -126,29 +127,38 @@ class _RowError(Exception):
 
 
 def _read_csv(
-    text: str, columns: Sequence[str], required: Sequence[str]
+    text: str, columns: Sequence[str], required: Sequence[str], problems: list[str]
 ) -> list[tuple[int, dict[str, str]]]:
+    """The non-empty rows with their line numbers; a header problem is raised at once, a line
+    with too many fields is added to ``problems`` (the caller's, with its own rows')."""
     reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))  # Excel writes a BOM
     header = [h.strip() for h in reader.fieldnames or []]
     if not header:
         raise MasterDataError(["the file is empty (no header line)"])
-    problems = []
+    header_problems = []
     missing = [c for c in required if c not in header]
     if missing:
-        problems.append(f"line 1: missing columns {missing}")
+        header_problems.append(f"line 1: missing columns {missing}")
     unknown = [c for c in header if c not in columns]
     if unknown:
-        problems.append(f"line 1: unknown columns {unknown} (known: {', '.join(columns)})")
-    if problems:
-        raise MasterDataError(problems)
+        header_problems.append(f"line 1: unknown columns {unknown} (known: {', '.join(columns)})")
+    if header_problems:
+        raise MasterDataError(header_problems)
     rows = []
     for raw in reader:
-        if None in raw:
-            raise MasterDataError([f"line {reader.line_num}: more fields than the header"])
+        if None in raw:  # every such line is named, with the other lines' problems
+            problems.append(f"line {reader.line_num}: more fields than the header")
+            continue
         row = {k.strip(): (v or "").strip() for k, v in raw.items()}
         if any(row.values()):
             rows.append((reader.line_num, row))
     return rows
+
+
+def _by_line(problem: str) -> int:
+    """The line number a CSV problem (``line N: ...``) names, for listing them in order."""
+    number = problem.removeprefix("line ").partition(":")[0]
+    return int(number) if number.isdigit() else 0
 
 
 def _bool(text: str, what: str) -> bool:
@@ -190,7 +200,7 @@ def vehicle_rows_from_csv(text: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     plates: dict[str, int] = {}
     phones: dict[str, int] = {}
-    for line, row in _read_csv(text, VEHICLE_COLUMNS, _VEHICLE_REQUIRED):
+    for line, row in _read_csv(text, VEHICLE_COLUMNS, _VEHICLE_REQUIRED, problems):
         try:
             vehicle = _vehicle(row)
             if vehicle["plate"] in plates:
@@ -206,7 +216,7 @@ def vehicle_rows_from_csv(text: str) -> list[dict[str, Any]]:
         if phone is not None:
             phones[phone] = line
     if problems:
-        raise MasterDataError(problems)
+        raise MasterDataError(sorted(problems, key=_by_line))
     return out
 
 
@@ -235,38 +245,68 @@ def _vehicle(row: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
-def filing_rows_from_csv(text: str, *, now: datetime) -> list[dict[str, Any]]:
+def filing_rows_from_csv(
+    text: str,
+    *,
+    now: datetime,
+    plates: Collection[str] | None = None,
+    fences: Collection[str] | None = None,
+) -> list[dict[str, Any]]:
     """Filing rows from CSV (``plate,start,end,destination,purpose,passengers,approver``, and
     optionally ``filed_at`` (default ``now``) and ``state`` (default approved)).
 
     ``destination`` names a fence or is empty; plates and fence names are resolved by
-    :func:`upsert_filings`.
+    :func:`upsert_filings`.  Given the known ``plates`` and (active) ``fences``, an unknown
+    one is a problem here already, so one error lists every problem of the file.
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     problems: list[str] = []
     out: list[dict[str, Any]] = []
-    for line, row in _read_csv(text, FILING_COLUMNS, _FILING_REQUIRED):
+    for line, row in _read_csv(text, FILING_COLUMNS, _FILING_REQUIRED, problems):
+        unknown = []
+        if plates is not None and row["plate"] and row["plate"] not in plates:
+            unknown.append(f"unknown vehicle plate {row['plate']!r}")
+        destination = row["destination"]
+        if fences is not None and destination and destination not in fences:
+            unknown.append(f"unknown fence {destination!r} as destination")
         try:
-            out.append({"line": line, **_filing(row, now)})
+            filing = _filing(row, now)
         except _RowError as exc:
-            problems.append(f"line {line}: {exc}")
+            unknown.insert(0, str(exc))
+        if unknown:
+            problems.append(f"line {line}: {'; '.join(unknown)}")
+            continue
+        out.append({"line": line, **filing})
     if problems:
-        raise MasterDataError(problems)
+        raise MasterDataError(sorted(problems, key=_by_line))
     return out
 
 
 def _filing(row: Mapping[str, str], now: datetime) -> dict[str, Any]:
+    # Every problem of the row (joined in one _RowError), so one round of corrections fixes it.
+    problems: list[str] = []
     if not row["plate"]:
-        raise _RowError("plate is empty")
-    start = parse_time(row["start"], "start")
-    end = parse_time(row["end"], "end")
-    if end <= start:
-        raise _RowError(f"end {row['end']} is not after start {row['start']}")
+        problems.append("plate is empty")
+    times: dict[str, datetime] = {}
+    for key in ("start", "end", "filed_at"):
+        if row.get(key, "") or key != "filed_at":
+            try:
+                times[key] = parse_time(row[key], key)
+            except _RowError as exc:
+                problems.append(str(exc))
+    if "start" in times and "end" in times and times["end"] <= times["start"]:
+        problems.append(f"end {row['end']} is not after start {row['start']}")
     filed = row.get("filed_at", "")
+    number = row.get("id", "")
+    if number and not number.isdigit():
+        problems.append(f"id must be the number of the filing to correct, got {number!r}")
     state = row.get("state", "").lower() or "approved"
     if state not in FILING_STATES:
-        raise _RowError(f"state must be one of {', '.join(FILING_STATES)}, got {row['state']!r}")
+        problems.append(f"state must be one of {', '.join(FILING_STATES)}, got {row['state']!r}")
+    if problems:
+        raise _RowError("; ".join(problems))
+    start, end = times["start"], times["end"]
     return {
         "plate": row["plate"],
         "start": start,
@@ -276,6 +316,9 @@ def _filing(row: Mapping[str, str], now: datetime) -> dict[str, Any]:
         "passengers": row["passengers"],
         "approver": row["approver"],
         "filed_at": parse_time(filed, "filed_at") if filed else now,
+        # what the client claims; the platform's receipt time is what counts (migration 13)
+        "claimed_filed_at": parse_time(filed, "filed_at") if filed else None,
+        "id": int(number) if number else None,
         "state": state,
     }
 
@@ -434,16 +477,40 @@ def _upsert_fence(conn: psycopg.Connection[Any], row: Mapping[str, Any]) -> int:
     return int(found[0])
 
 
-def upsert_filings(conn: psycopg.Connection[Any], rows: Sequence[Mapping[str, Any]]) -> list[int]:
-    """Insert or update filings (keyed by vehicle and window); returns their ids.
+# A historical import (``historical=True``) takes only filings whose window ended at least this
+# long ago: it is for loading the records of a platform this one replaces, never a way around
+# the receipt time of current filings (article 21's 3 working days fit well inside it).
+HISTORICAL_MIN_AGE = timedelta(days=30)
+
+
+def upsert_filings(
+    conn: psycopg.Connection[Any],
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    historical: bool = False,
+) -> list[int]:
+    """Insert or update filings; returns their ids.
 
     Rows are :func:`filing_rows_from_csv`'s: ``plate`` is resolved to the vehicle and
-    ``destination`` (a fence name or None) to an active fence.  An existing filing keeps its
-    first ``filed_at``: re-importing a file must not turn filings into late back-filings.
+    ``destination`` (a fence name or None) to an active fence.  A row with an ``id`` corrects
+    that filing (its window may change); otherwise filings are matched by vehicle and window.
+
+    The platform stamps when a filing arrives (migration 13): the rules count it from its
+    receipt by the database's clock, and a time the row claims (``claimed_filed_at``) is only
+    kept beside it.  Each change of content is a new version, received when it arrives; the
+    same content again changes nothing, so re-importing a file is harmless.  With
+    ``historical`` (migrating a former platform's records) the file's ``filed_at`` is what
+    counts instead; only windows that ended at least :data:`HISTORICAL_MIN_AGE` ago are taken.
     """
     problems: list[str] = []
     ids: list[int] = []
+    latest_end: datetime | None = None  # of a historical filing
     with conn.transaction():
+        if historical:
+            conn.execute("SELECT set_config('jt808.historical', 'on', true)")
+            found = conn.execute("SELECT now() - %s", (HISTORICAL_MIN_AGE,)).fetchone()
+            assert found is not None
+            latest_end = found[0]
         vehicles = dict(conn.execute("SELECT plate, id FROM vehicles").fetchall())
         fences = dict(conn.execute("SELECT name, id FROM fences WHERE active").fetchall())
         for i, row in enumerate(rows):
@@ -455,33 +522,57 @@ def upsert_filings(conn: psycopg.Connection[Any], rows: Sequence[Mapping[str, An
             fence = None if destination is None else fences.get(destination)
             if destination is not None and fence is None:
                 problems.append(f"{where}: unknown fence {destination!r} as destination")
+            if latest_end is not None and row["end"] > latest_end:
+                problems.append(
+                    f"{where}: a historical import takes filings whose window ended "
+                    f"{HISTORICAL_MIN_AGE.days} days ago or more; this one ends {row['end']}"
+                )
+            if historical and row.get("claimed_filed_at") is None:
+                problems.append(f"{where}: a historical import needs the filing's filed_at")
             if problems:
                 continue
+            values = {
+                "vehicle": vehicle,
+                "start": row["start"],
+                "end": row["end"],
+                "fence": fence,
+                "purpose": row.get("purpose", ""),
+                "passengers": row.get("passengers", ""),
+                "approver": row.get("approver", ""),
+                "claimed": row.get("claimed_filed_at"),
+                # Counts only for a historical import (the trigger stamps the receipt otherwise).
+                "filed": row.get("claimed_filed_at") or row.get("filed_at") or datetime.now(UTC),
+                "state": row.get("state", "approved"),
+                "id": row.get("id"),
+            }
             found = conn.execute(
-                "INSERT INTO filings (vehicle_id, starts_at, ends_at, destination_fence, purpose, "
-                "passengers, approver, filed_at, state) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, "
-                "%s) ON CONFLICT (vehicle_id, starts_at, ends_at) DO UPDATE SET "
-                "destination_fence = EXCLUDED.destination_fence, purpose = EXCLUDED.purpose, "
-                "passengers = EXCLUDED.passengers, approver = EXCLUDED.approver, "
-                "state = EXCLUDED.state, updated_at = now() RETURNING id",
-                (
-                    vehicle,
-                    row["start"],
-                    row["end"],
-                    fence,
-                    row.get("purpose", ""),
-                    row.get("passengers", ""),
-                    row.get("approver", ""),
-                    row["filed_at"],
-                    row.get("state", "approved"),
-                ),
+                _CORRECT_FILING if values["id"] is not None else _UPSERT_FILING, values
             ).fetchone()
-            if found is None:  # pragma: no cover - RETURNING always yields the row
-                raise StorageError("filing was not stored")
+            if found is None:
+                problems.append(f"{where}: no filing {values['id']} to correct")
+                continue
             ids.append(int(found[0]))
         if problems:
             raise MasterDataError(problems)
     return ids
+
+
+_UPSERT_FILING = (
+    "INSERT INTO filings (vehicle_id, starts_at, ends_at, destination_fence, purpose, "
+    "passengers, approver, filed_at, claimed_filed_at, state) VALUES (%(vehicle)s, %(start)s, "
+    "%(end)s, %(fence)s, %(purpose)s, %(passengers)s, %(approver)s, %(filed)s, %(claimed)s, "
+    "%(state)s) ON CONFLICT (vehicle_id, starts_at, ends_at) DO UPDATE SET "
+    "destination_fence = EXCLUDED.destination_fence, purpose = EXCLUDED.purpose, "
+    "passengers = EXCLUDED.passengers, approver = EXCLUDED.approver, "
+    "claimed_filed_at = EXCLUDED.claimed_filed_at, state = EXCLUDED.state, updated_at = now() "
+    "RETURNING id"
+)
+_CORRECT_FILING = (
+    "UPDATE filings SET vehicle_id = %(vehicle)s, starts_at = %(start)s, ends_at = %(end)s, "
+    "destination_fence = %(fence)s, purpose = %(purpose)s, passengers = %(passengers)s, "
+    "approver = %(approver)s, claimed_filed_at = %(claimed)s, state = %(state)s, "
+    "updated_at = now() WHERE id = %(id)s RETURNING id"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,7 +615,8 @@ def load_filing_rows(
     """Filings in ``states`` that end at or after ``since`` (None: all), by id.
 
     Keys: ``id, vehicle_id, plate, start, end, destination_fence, destination, purpose,
-    passengers, approver, filed_at, state``.  Only approved filings count for the rules.
+    passengers, approver, filed_at, state, received_at, claimed_filed_at, version,
+    historical``.  Only approved filings count for the rules.
     """
     if since is not None and since.tzinfo is None:
         raise ValueError("since must be timezone-aware")
@@ -532,11 +624,70 @@ def load_filing_rows(
         return cur.execute(
             'SELECT f.id, f.vehicle_id, v.plate, f.starts_at AS start, f.ends_at AS "end", '
             "f.destination_fence, d.name AS destination, f.purpose, f.passengers, f.approver, "
-            "f.filed_at, f.state FROM filings f JOIN vehicles v ON v.id = f.vehicle_id "
+            "f.filed_at, f.state, f.received_at, f.claimed_filed_at, f.version, f.historical "
+            "FROM filings f JOIN vehicles v ON v.id = f.vehicle_id "
             "LEFT JOIN fences d ON d.id = f.destination_fence "
             "WHERE f.state = ANY(%s) AND (%s::timestamptz IS NULL OR f.ends_at >= %s) "
             "ORDER BY f.id",
             (list(states), since, since),
+        ).fetchall()
+
+
+def load_filing_versions(
+    conn: psycopg.Connection[Any], since: datetime | None = None
+) -> list[dict[str, Any]]:
+    """The approved versions of the filings any version of which ends at or after ``since``
+    (None: all), by filing and version: what the rules judge by (migration 13).
+
+    Keys: ``id`` (the filing), ``version, vehicle_id, start, end, destination_fence, purpose,
+    passengers, approver, filed_at`` (what the rules count the version from),
+    ``claimed_filed_at``, ``superseded_at`` (the next version's ``filed_at``; None: in force).
+    """
+    if since is not None and since.tzinfo is None:
+        raise ValueError("since must be timezone-aware")
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_FILING_VERSIONS, {"since": since}).fetchall()
+
+
+_FILING_VERSIONS = """
+SELECT filing_id AS id, version, vehicle_id, starts_at AS start, ends_at AS "end",
+       destination_fence, purpose, passengers, approver, filed_at, claimed_filed_at,
+       superseded_at
+FROM (
+    SELECT *, lead(filed_at) OVER (PARTITION BY filing_id ORDER BY version) AS superseded_at
+    FROM filing_versions
+    WHERE %(since)s::timestamptz IS NULL OR filing_id IN (
+        SELECT filing_id FROM filing_versions WHERE ends_at >= %(since)s::timestamptz
+    )
+) v
+WHERE state = 'approved'
+ORDER BY filing_id, version
+"""
+
+
+def filing_history(
+    conn: psycopg.Connection[Any], *, plate: str | None = None, filing: int | None = None
+) -> list[dict[str, Any]] | None:
+    """Every version of the filings of vehicle ``plate`` (or of filing ``filing``), oldest
+    first: ``filing, version, received_at, filed_at, claimed_filed_at, historical, plate,
+    start, end, destination, purpose, passengers, approver, state``.  None when there is no
+    such vehicle or filing."""
+    if plate is not None:
+        if conn.execute("SELECT 1 FROM vehicles WHERE plate = %s", (plate,)).fetchone() is None:
+            return None
+    elif conn.execute("SELECT 1 FROM filings WHERE id = %s", (filing,)).fetchone() is None:
+        return None
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT f.filing_id AS filing, f.version, f.received_at, f.filed_at, "
+            'f.claimed_filed_at, f.historical, v.plate, f.starts_at AS start, f.ends_at AS "end", '
+            "d.name AS destination, f.purpose, f.passengers, f.approver, f.state "
+            "FROM filing_versions f JOIN vehicles v ON v.id = f.vehicle_id "
+            "LEFT JOIN fences d ON d.id = f.destination_fence "
+            "WHERE (%(plate)s::text IS NULL OR v.plate = %(plate)s::text) "
+            "AND (%(filing)s::bigint IS NULL OR f.filing_id = %(filing)s::bigint) "
+            "ORDER BY f.filing_id, f.version",
+            {"plate": plate, "filing": filing},
         ).fetchall()
 
 
@@ -639,12 +790,38 @@ def filing_rows_from_json(items: object, *, now: datetime) -> list[dict[str, Any
     out: list[dict[str, Any]] = []
     for i, item in enumerate(_json_items(items, "filing")):
         try:
-            out.append(_filing(_text_fields(item, FILING_COLUMNS, _FILING_REQUIRED_JSON), now))
+            fields = _text_fields(item, FILING_COLUMNS, _FILING_REQUIRED_JSON)
+        except _RowError as exc:
+            problems.append(f"filing {i}: {'; '.join([str(exc), *_value_problems(item, now)])}")
+            continue
+        try:
+            out.append(_filing(fields, now))
         except _RowError as exc:
             problems.append(f"filing {i}: {exc}")
     if problems:
         raise MasterDataError(problems)
     return out
+
+
+def _value_problems(item: object, now: datetime) -> list[str]:
+    """After key problems (unknown keys, a value of the wrong type) the problems of the values
+    that are there, so one answer names them all; none when a required key is missing (its
+    absence is the problem)."""
+    if not isinstance(item, Mapping):
+        return []
+    if any(key not in item for key in _FILING_REQUIRED_JSON):
+        return []
+    # A value of the wrong type is already named: checked as empty here.
+    usable = {
+        key: value if isinstance(value, str | int | float) else None
+        for key, value in item.items()
+        if key in FILING_COLUMNS
+    }
+    try:
+        _filing(_text_fields(usable, FILING_COLUMNS, ()), now)
+    except _RowError as exc:
+        return [str(exc)]
+    return []
 
 
 def vehicle_ids(conn: psycopg.Connection[Any], plates: Sequence[str]) -> list[int | None]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from datetime import date, datetime, timedelta
 from typing import IO, Any
 
@@ -358,16 +359,19 @@ def export_positions_csv(
     end: datetime,
     *,
     unit: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Write positions in [start, end) (of ``unit``'s vehicles, if given) to ``out`` as CSV.
 
     One header line, then rows ordered by time; times in China Standard Time.  Streams with
     ``COPY ... TO STDOUT`` so memory stays flat however long the range.  Returns the number
-    of bytes written.
+    of bytes written.  ``progress(rows, bytes)`` is called after each chunk with the data rows
+    (the header not counted) and bytes written so far, and once at the end.
     """
     if start.tzinfo is None or end.tzinfo is None:
         raise ValueError("start and end must be timezone-aware")
     written = 0
+    lines = CsvLineCounter()
     with conn.transaction(), conn.cursor() as cur:
         cur.execute("SELECT set_config('TimeZone', %s, true)", (REPORT_TZ,))
         query = f"COPY ({_EXPORT_SELECT}) TO STDOUT (FORMAT CSV, HEADER)"
@@ -375,4 +379,26 @@ def export_positions_csv(
             for chunk in copy:
                 out.write(chunk)
                 written += len(chunk)
+                if progress is not None:
+                    lines.feed(chunk)
+                    progress(max(0, lines.lines - 1), written)
+    if progress is not None:
+        progress(max(0, lines.lines - 1), written)
     return written
+
+
+class CsvLineCounter:
+    """Counts the records of CSV text fed in chunks: line ends outside double quotes (a
+    quoted field may hold a line end; an escaped quote is two quotes, which toggle twice)."""
+
+    def __init__(self) -> None:
+        self.lines = 0
+        self._quoted = False
+
+    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
+        parts = bytes(chunk).split(b'"')
+        for i, part in enumerate(parts):
+            if not self._quoted:
+                self.lines += part.count(b"\n")
+            if i < len(parts) - 1:
+                self._quoted = not self._quoted

@@ -18,7 +18,13 @@ import psycopg
 from storage.errors import StorageError
 from storage.schema import CHINA
 
-__all__ = ["ViolationCount", "month_bounds", "violations_by_unit_rule"]
+__all__ = [
+    "BackfillCount",
+    "ViolationCount",
+    "backfilling_by_unit",
+    "month_bounds",
+    "violations_by_unit_rule",
+]
 
 _PERIOD_RE = re.compile(r"^(\d{4})-(\d{2})$")
 
@@ -63,4 +69,44 @@ def violations_by_unit_rule(
     ).fetchall()
     return [
         ViolationCount(unit=u, rule=r, violations=int(n), vehicles=int(v)) for u, r, n, v in rows
+    ]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class BackfillCount:
+    """Back-filings (article 21) of one unit's trips that began in the period."""
+
+    unit: str
+    in_time: int  # back-filed within the deadline: resolved
+    late: int  # back-filed after the deadline: still a violation
+    claimed_earlier: int  # a filing claimed a filing time well before the platform got it
+
+
+def backfilling_by_unit(
+    conn: psycopg.Connection[Any],
+    start: datetime,
+    end: datetime,
+    *,
+    unit: str | None = None,
+) -> list[BackfillCount]:
+    """Per unit, the episodes opened in [start, end) that were back-filed in time, back-filed
+    late, or covered by a filing claiming an earlier time than its receipt (as the rule engine
+    recorded them in the alert's detail: ``backfilled``, ``late_filings``, ``claimed_earlier``).
+    Units with none of the three are left out."""
+    if start.tzinfo is None or end.tzinfo is None:
+        raise StorageError("report bounds must be timezone-aware")
+    rows = conn.execute(
+        "SELECT unit, "
+        "count(*) FILTER (WHERE state = 'resolved' AND detail @> '{\"backfilled\": true}'), "
+        "count(*) FILTER (WHERE state = 'violation' AND detail ? 'late_filings'), "
+        "count(*) FILTER (WHERE detail ? 'claimed_earlier') "
+        "FROM alerts WHERE opened_at >= %s AND opened_at < %s "
+        "AND (%s::text IS NULL OR unit = %s::text) "
+        "AND (detail ? 'backfilled' OR detail ? 'late_filings' OR detail ? 'claimed_earlier') "
+        "GROUP BY unit ORDER BY unit",
+        (start, end, unit, unit),
+    ).fetchall()
+    return [
+        BackfillCount(unit=u, in_time=int(a), late=int(b), claimed_earlier=int(c))
+        for u, a, b, c in rows
     ]

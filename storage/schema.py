@@ -576,7 +576,7 @@ def migrate(
                 raise StorageError(f"schema was created for {recorded}, cannot switch to {backend}")
             applied = {v for (v,) in conn.execute("SELECT version FROM jt808_schema_migrations")}
             ctx: SchemaContext | None = None
-            for migration in MIGRATIONS:
+            for migration in sorted(MIGRATIONS, key=lambda m: m.version):
                 if migration.version in applied:
                     continue
                 first = ctx is None
@@ -1206,4 +1206,254 @@ def _resolved_positions(ctx: SchemaContext) -> str:
 MIGRATIONS = (
     *MIGRATIONS,
     Migration(11, "positions resolved by device time; one daily aggregate", _resolved_positions),
+)
+
+# ---------------------------------------------------------------------------------------------
+# Migration 12: operator accounts, bearer tokens and the audit trail (storage.access).
+#
+# Tokens are stored as the SHA-256 of the token (never the token), with a short prefix to name
+# them by.  ``audit_log`` is append-only: a trigger refuses UPDATE, DELETE and TRUNCATE (a
+# superuser can still drop the trigger; that is a schema change, not a write through the
+# platform).  Its time is the database's.  Changes of vehicles, fences and filings append a
+# row each by trigger, whoever made them: the writer names itself with the settings
+# ``jt808.actor`` and ``jt808.source`` (``storage.access.set_actor``); an unnamed write is
+# logged as the database role that made it.  Rewrites that change nothing (a re-import) are
+# not logged.
+
+_ACCESS = """
+CREATE TABLE operator_users (
+    name text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$'),
+    role text NOT NULL CHECK (role IN ('viewer', 'dispatcher', 'admin')),
+    unit text CHECK (unit <> ''),                -- NULL: every unit
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE operator_tokens (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_name text NOT NULL REFERENCES operator_users (name),
+    prefix text NOT NULL,                        -- the token's first characters, to name it
+    sha256 bytea NOT NULL UNIQUE,                -- of the whole token
+    created_at timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz,                      -- NULL: never
+    revoked_at timestamptz
+);
+CREATE INDEX operator_tokens_prefix ON operator_tokens (prefix);
+
+CREATE TABLE audit_log (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT now(),
+    actor text NOT NULL,                         -- operator account, or the OS user of the CLI
+    source text NOT NULL,                        -- client address, 'cli' or 'database'
+    action text NOT NULL,                        -- e.g. vehicle.exempt, filing.insert
+    object_kind text NOT NULL,
+    object_key text,
+    unit text,                                   -- the unit the object belongs to, if any
+    before jsonb,
+    after jsonb
+);
+CREATE INDEX audit_log_at ON audit_log (at);
+CREATE INDEX audit_log_actor ON audit_log (actor, at);
+
+CREATE FUNCTION jt808_audit_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.at := now();                             -- the database's time, never a client's
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER audit_log_stamp BEFORE INSERT ON audit_log
+    FOR EACH ROW EXECUTE FUNCTION jt808_audit_stamp();
+
+CREATE FUNCTION jt808_audit_frozen() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit_log is append-only: % refused', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION jt808_audit_frozen();
+
+CREATE FUNCTION jt808_audit_actor() RETURNS text LANGUAGE sql STABLE AS $$
+    SELECT coalesce(nullif(current_setting('jt808.actor', true), ''), 'db:' || session_user)
+$$;
+CREATE FUNCTION jt808_audit_source() RETURNS text LANGUAGE sql STABLE AS $$
+    SELECT coalesce(nullif(current_setting('jt808.source', true), ''), 'database')
+$$;
+
+CREATE FUNCTION jt808_audit_masterdata() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
+DECLARE
+    old_row jsonb := CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END;
+    new_row jsonb := CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END;
+    v_row jsonb := coalesce(new_row, old_row);
+    v_kind text := CASE TG_TABLE_NAME WHEN 'vehicles' THEN 'vehicle' WHEN 'fences' THEN 'fence'
+                 ELSE 'filing' END;
+    v_action text := v_kind || '.' || lower(TG_OP);
+    v_key text;
+    v_unit text;
+BEGIN
+    IF TG_OP = 'UPDATE' AND (old_row - 'updated_at') = (new_row - 'updated_at') THEN
+        RETURN NULL;                             -- rewritten unchanged
+    END IF;
+    IF v_kind = 'vehicle' THEN
+        v_key := v_row->>'plate';
+        v_unit := v_row->>'unit';
+        IF TG_OP = 'UPDATE' AND old_row->'exempt' IS DISTINCT FROM new_row->'exempt' THEN
+            v_action := 'vehicle.exempt';
+        END IF;
+    ELSIF v_kind = 'fence' THEN
+        v_key := v_row->>'name';
+        v_unit := v_row->>'unit';
+    ELSE
+        v_key := v_row->>'id';
+        SELECT v.unit INTO v_unit FROM vehicles v WHERE v.id = (v_row->>'vehicle_id')::bigint;
+    END IF;
+    INSERT INTO audit_log (actor, source, action, object_kind, object_key, unit, before, after)
+    VALUES (jt808_audit_actor(), jt808_audit_source(), v_action, v_kind, v_key, v_unit,
+            old_row, new_row);
+    RETURN NULL;
+END
+$$;
+CREATE FUNCTION jt808_audit_truncate() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
+BEGIN
+    INSERT INTO audit_log (actor, source, action, object_kind)
+    VALUES (jt808_audit_actor(), jt808_audit_source(), TG_TABLE_NAME || '.truncate',
+            TG_TABLE_NAME);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER vehicles_audit AFTER INSERT OR UPDATE OR DELETE ON vehicles
+    FOR EACH ROW EXECUTE FUNCTION jt808_audit_masterdata();
+CREATE TRIGGER fences_audit AFTER INSERT OR UPDATE OR DELETE ON fences
+    FOR EACH ROW EXECUTE FUNCTION jt808_audit_masterdata();
+CREATE TRIGGER filings_audit AFTER INSERT OR UPDATE OR DELETE ON filings
+    FOR EACH ROW EXECUTE FUNCTION jt808_audit_masterdata();
+CREATE TRIGGER vehicles_audit_truncate AFTER TRUNCATE ON vehicles
+    FOR EACH STATEMENT EXECUTE FUNCTION jt808_audit_truncate();
+CREATE TRIGGER fences_audit_truncate AFTER TRUNCATE ON fences
+    FOR EACH STATEMENT EXECUTE FUNCTION jt808_audit_truncate();
+CREATE TRIGGER filings_audit_truncate AFTER TRUNCATE ON filings
+    FOR EACH STATEMENT EXECUTE FUNCTION jt808_audit_truncate();
+"""
+
+MIGRATIONS = (*MIGRATIONS, Migration(12, "operator accounts, tokens and the audit trail", _ACCESS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Migration 13: filings the platform stamps (article 21: an emergency trip is back-filed within
+# 3 working days; late or false back-filing is reported), and their versions.
+#
+# ``received_at`` is when a filing first reached the platform, by the database's clock; no
+# client sets it.  ``filed_at`` is what the rules count a filing from: the receipt, except for
+# an explicit historical import (``jt808 filings import --historical``, which sets the
+# transaction-local setting ``jt808.historical``) that keeps the file's time.  What a client
+# claimed as its filing time is kept in ``claimed_filed_at``.  Every change of a filing's
+# content is a new row of ``filing_versions`` (append-only), with its own receipt time: the
+# rules judge each moment by the version in force then, and a filing corrected after its trip
+# shows as such.  Rows from before this migration become version 1, received when they said.
+
+_FILING_RECEIPTS = """
+ALTER TABLE filings ADD COLUMN received_at timestamptz;
+-- Filled in with the table's own triggers off: it is not a change of any filing (no new
+-- master-data version, no audit row).
+ALTER TABLE filings DISABLE TRIGGER USER;
+UPDATE filings SET received_at = filed_at;
+ALTER TABLE filings ENABLE TRIGGER USER;
+ALTER TABLE filings ALTER COLUMN received_at SET NOT NULL,
+    ALTER COLUMN received_at SET DEFAULT now(),
+    ADD COLUMN claimed_filed_at timestamptz,
+    ADD COLUMN historical boolean NOT NULL DEFAULT false,
+    ADD COLUMN version integer NOT NULL DEFAULT 1;
+
+CREATE TABLE filing_versions (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    filing_id bigint NOT NULL REFERENCES filings (id),
+    version integer NOT NULL,
+    received_at timestamptz NOT NULL,            -- this version's arrival (database time)
+    filed_at timestamptz NOT NULL,               -- what the rules count it from
+    claimed_filed_at timestamptz,                -- what the client said, if anything
+    historical boolean NOT NULL,
+    vehicle_id bigint NOT NULL,
+    starts_at timestamptz NOT NULL,
+    ends_at timestamptz NOT NULL,
+    destination_fence bigint,
+    purpose text NOT NULL,
+    passengers text NOT NULL,
+    approver text NOT NULL,
+    state text NOT NULL,
+    UNIQUE (filing_id, version)
+);
+CREATE INDEX filing_versions_received ON filing_versions (received_at);
+INSERT INTO filing_versions (filing_id, version, received_at, filed_at, historical,
+    vehicle_id, starts_at, ends_at, destination_fence, purpose, passengers, approver, state)
+SELECT id, 1, received_at, filed_at, false, vehicle_id, starts_at, ends_at,
+       destination_fence, purpose, passengers, approver, state
+FROM filings;
+
+CREATE FUNCTION jt808_filing_stamp() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
+DECLARE
+    historical boolean := coalesce(current_setting('jt808.historical', true), '') = 'on';
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        NEW.version := 1;
+        NEW.received_at := now();
+        NEW.historical := historical;
+        IF NOT historical THEN
+            NEW.filed_at := now();
+        END IF;
+        RETURN NEW;
+    END IF;
+    NEW.received_at := OLD.received_at;
+    NEW.filed_at := OLD.filed_at;                -- the first version's
+    IF (NEW.vehicle_id, NEW.starts_at, NEW.ends_at, NEW.destination_fence, NEW.purpose,
+        NEW.passengers, NEW.approver, NEW.state)
+       IS NOT DISTINCT FROM
+       (OLD.vehicle_id, OLD.starts_at, OLD.ends_at, OLD.destination_fence, OLD.purpose,
+        OLD.passengers, OLD.approver, OLD.state) THEN
+        NEW.version := OLD.version;              -- the same content again: no new version
+        NEW.claimed_filed_at := OLD.claimed_filed_at;
+        NEW.historical := OLD.historical;
+    ELSE
+        NEW.version := OLD.version + 1;
+        NEW.historical := historical;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER filings_stamp BEFORE INSERT OR UPDATE ON filings
+    FOR EACH ROW EXECUTE FUNCTION jt808_filing_stamp();
+
+CREATE FUNCTION jt808_filing_version() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND NEW.version = OLD.version THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO filing_versions (filing_id, version, received_at, filed_at, claimed_filed_at,
+        historical, vehicle_id, starts_at, ends_at, destination_fence, purpose, passengers,
+        approver, state)
+    VALUES (NEW.id, NEW.version, now(),
+        CASE WHEN NEW.historical THEN coalesce(NEW.claimed_filed_at, NEW.filed_at) ELSE now() END,
+        NEW.claimed_filed_at, NEW.historical, NEW.vehicle_id, NEW.starts_at, NEW.ends_at,
+        NEW.destination_fence, NEW.purpose, NEW.passengers, NEW.approver, NEW.state);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER filings_versioned AFTER INSERT OR UPDATE ON filings
+    FOR EACH ROW EXECUTE FUNCTION jt808_filing_version();
+
+CREATE FUNCTION jt808_filing_versions_frozen() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '% is append-only', TG_TABLE_NAME USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+-- (TRUNCATE stays possible: it takes the filings with it, through the foreign key.)
+CREATE TRIGGER filing_versions_append_only BEFORE UPDATE OR DELETE
+    ON filing_versions FOR EACH STATEMENT EXECUTE FUNCTION jt808_filing_versions_frozen();
+"""
+
+MIGRATIONS = (
+    *MIGRATIONS,
+    Migration(13, "filings the platform stamps, and their versions", _FILING_RECEIPTS),
 )

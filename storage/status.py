@@ -142,7 +142,10 @@ def _timescale_positions(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     jobs = conn.execute(
         sql.SQL(
             "SELECT j.job_id, j.proc_name, j.hypertable_name, j.schedule_interval::text, "
-            "j.config::text, s.last_run_status, s.last_successful_finish, s.total_failures "
+            "j.config::text, s.last_run_status, "
+            # -infinity until a job first succeeds (seen on TimescaleDB 2.28.3)
+            "CASE WHEN isfinite(s.last_successful_finish) THEN s.last_successful_finish END, "
+            "s.total_failures "
             "FROM {info}.jobs j LEFT JOIN {info}.job_stats s USING (job_id) ORDER BY j.job_id"
         ).format(info=info)
     ).fetchall()

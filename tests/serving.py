@@ -4,16 +4,19 @@ spool, terminal store and cache, against a real database (usually through
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import trio
 from prometheus_client import CollectorRegistry
 
 from ingest import ServerConfig
+from tests.operator_auth import AUTH_LINE, store_token
 from tools.serve_cmd import Running, serve
 
 
@@ -33,6 +36,11 @@ async def serving(dsn: str, data_dir: Path, **overrides: Any) -> AsyncIterator[R
                 task_status=task_status,
             )
         )
+        # The operator port wants a token: the test admin's (tests.operator_auth), stored once
+        # serve() has migrated the schema.  A test that starts with the database down calls
+        # only the public endpoints (and an authenticated one would be 503 then anyway).
+        with contextlib.suppress(psycopg.OperationalError):
+            await trio.to_thread.run_sync(store_token, dsn)
         try:
             yield running
         finally:
@@ -46,12 +54,16 @@ async def http(
     body: bytes | None = None,
     *,
     timeout_s: float = 10.0,
+    auth: bool = True,
 ) -> tuple[int, Any]:
-    """One request to the operator port: (status, JSON body or text)."""
+    """One request to the operator port, as the test admin unless ``auth`` is false:
+    (status, JSON body or text)."""
     with trio.fail_after(timeout_s):
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
             head = f"{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+            if auth:
+                head += AUTH_LINE
             if body is not None:
                 head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             await stream.send_all(head.encode() + b"\r\n" + (body or b""))

@@ -22,6 +22,7 @@ from alerts import RULE_NAMES, AlertState
 from ingest import AlertFeed, InMemoryAlertFeed, Metrics, OperatorHttp
 from ingest.http import HEARTBEAT_S
 from storage.alerts import AlertRepository
+from tests.operator_auth import TEST_TOKEN, memory_access
 from tests.serving import http
 from tests.storage_fixtures import migrated_db, pg_dsn, pg_schema_dsn  # noqa: F401
 from tests.test_alerts_stream import Stream, alert
@@ -64,6 +65,7 @@ async def operator_port(
         registry=CollectorRegistry() if metrics is None else metrics.registry,
         terminals=list,
         alerts=feed,
+        access=memory_access(),
         metrics=metrics,
         heartbeat_s=heartbeat_s,
     )
@@ -201,7 +203,7 @@ def test_the_database_feed_knows_the_engines_rules_and_states() -> None:
 def tail_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_tail_arguments(parser)
-    return parser.parse_args(argv)
+    return parser.parse_args([*argv, "--token", TEST_TOKEN])
 
 
 async def test_alerts_tail_shows_the_400_and_exits(caplog: pytest.LogCaptureFixture) -> None:

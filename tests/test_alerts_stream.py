@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry
 import tools.alerts_tail_cmd
 from ingest import AlertFilter, InMemoryAlertFeed, OperatorHttp
 from ingest.http import HEARTBEAT_S, MAX_STREAMS
+from ingest.limits import HttpLimits
+from tests.operator_auth import AUTH_HEADER, TEST_TOKEN, memory_access
 from tools.alerts_tail_cmd import add_tail_arguments, run_tail
 
 
@@ -43,7 +45,9 @@ def alert(
 
 
 @asynccontextmanager
-async def operator_port(feed: InMemoryAlertFeed | None) -> AsyncIterator[int]:
+async def operator_port(
+    feed: InMemoryAlertFeed | None, limits: HttpLimits | None = None
+) -> AsyncIterator[int]:
     http = OperatorHttp(
         host="127.0.0.1",
         port=0,
@@ -51,6 +55,8 @@ async def operator_port(feed: InMemoryAlertFeed | None) -> AsyncIterator[int]:
         terminals=list,
         healthy=lambda: True,
         alerts=feed,
+        limits=limits,
+        access=memory_access(),
     )
     async with trio.open_nursery() as nursery:
         ports = await nursery.start(http.run)
@@ -76,7 +82,7 @@ class Stream:
         request = h11.Request(
             method="GET",
             target=target,
-            headers=[("host", "test"), *(headers or {}).items()],
+            headers=[("host", "test"), AUTH_HEADER, *(headers or {}).items()],
         )
         await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
         self = cls(stream, conn)
@@ -184,7 +190,9 @@ async def test_heartbeat_keeps_an_idle_stream_open(
 
 async def test_streams_past_the_cap_are_refused() -> None:
     with trio.fail_after(10):
-        async with operator_port(InMemoryAlertFeed()) as port:
+        # Every stream is the test user's: its share is the whole port here (see test_http_limits).
+        limits = HttpLimits(max_streams_per_user=MAX_STREAMS)
+        async with operator_port(InMemoryAlertFeed(), limits) as port:
             streams = [await Stream.open(port, "/alerts/stream") for _ in range(MAX_STREAMS)]
             assert {s.status for s in streams} == {200}
             refused = await Stream.open(port, "/alerts/stream")
@@ -216,7 +224,7 @@ async def test_the_ring_buffer_keeps_the_newest() -> None:
 def tail_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_tail_arguments(parser)
-    return parser.parse_args(argv)
+    return parser.parse_args([*argv, "--token", TEST_TOKEN])
 
 
 async def test_alerts_tail_prints_json_and_readable_lines() -> None:
@@ -259,7 +267,7 @@ def test_alerts_tail_reconnects_with_the_last_event_id(monkeypatch: pytest.Monke
         [("8", json.dumps(alert(8)))],
     ]
 
-    def fake_events(url: str, last_id: str | None, *, timeout_s: float) -> Any:
+    def fake_events(url: str, last_id: str | None, *, timeout_s: float, **_: Any) -> Any:
         seen.append(last_id)
         if not streams:
             raise OSError("gone")

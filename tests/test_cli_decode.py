@@ -110,3 +110,57 @@ def test_raw_capture(
 def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["no-such-command"]) == 2
     capsys.readouterr()
+
+
+def test_raw_missing_file_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    missing = tmp_path / "nonexistent.bin"
+    assert main(["decode", "--raw", str(missing)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines() == [
+        f"jt808 decode: cannot read {missing}: No such file or directory"
+    ]
+
+
+def _serve_capture(directory: Path, chunks: list[bytes]) -> Path:
+    """A capture written the way ``jt808 serve --capture`` writes one (ingest.capture)."""
+    import trio  # noqa: PLC0415
+
+    from ingest.capture import CaptureWriter  # noqa: PLC0415
+
+    async def write() -> Path:
+        writer = await CaptureWriter.open(
+            directory,
+            connection=1,
+            peer="10.1.2.3:40000",
+            wall=datetime(2026, 10, 3, 0, 30, tzinfo=GMT8),
+            start=100.0,
+            max_bytes=1 << 20,
+        )
+        for i, chunk in enumerate(chunks):
+            await writer.record(chunk, now=100.0 + i * 0.5)
+        await writer.aclose()
+        return writer.path
+
+    return trio.run(write)
+
+
+def test_raw_reads_a_serve_capture_record_by_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frames = [encode(REPORT, phone="13800138000", serial=n) for n in range(1, 17)]
+    stream = b"".join(frames)
+    # Socket reads cut anywhere, one of them in the middle of a frame.
+    chunks = [stream[:10], stream[10 : len(frames[0]) * 5 + 3], stream[len(frames[0]) * 5 + 3 :]]
+    path = _serve_capture(tmp_path, chunks)
+    code, rows = _run(["--raw", str(path)], monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0
+    assert not [row for row in rows if "error" in row]
+    assert [row["serial"] for row in rows] == list(range(1, 17))
+    assert rows[0]["capture"] == {"offset_s": 0.5, "peer": "10.1.2.3:40000"}
+    assert rows[-1]["capture"] == {"offset_s": 1.0, "peer": "10.1.2.3:40000"}
+    # A truncated tail (the writer died mid-record) is no error either.
+    path.write_bytes(path.read_bytes()[:-7])
+    code, rows = _run(["--raw", str(path)], monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0
+    assert [row["serial"] for row in rows] == list(range(1, 6))

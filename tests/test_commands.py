@@ -38,6 +38,7 @@ from protocol.messages.multimedia import CameraShootResponse, MediaSearch
 from protocol.messages.params import QueryParamsResponse, SetTerminalParams, TerminalParameter
 from protocol.messages.terminal import TerminalGeneralResponse
 from protocol.messages.text import TextMessage
+from tests.operator_auth import AUTH_HEADER, TEST_TOKEN, memory_access
 from tests.test_ingest_server import PHONE, WALL, FakeTerminal, base_config, report, wait_until
 from tools import cli
 
@@ -146,7 +147,7 @@ async def node(nursery: trio.Nursery, **kwargs: Any) -> AsyncIterator[Node]:
     async with trio.open_nursery() as inner:
         await inner.start(sink.run)
         ports = await inner.start(server.run)
-        http_ports = await inner.start(server.operator_http().run)
+        http_ports = await inner.start(server.operator_http(memory_access()).run)
         try:
             yield Node(server, ports[0], http_ports[0])
         finally:
@@ -157,7 +158,7 @@ async def post(port: int, target: str, document: Any) -> tuple[int, Any]:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     conn = h11.Connection(h11.CLIENT)
     body = json.dumps(document).encode()
-    headers = [("host", "test"), ("content-type", "application/json")]
+    headers = [("host", "test"), ("content-type", "application/json"), AUTH_HEADER]
     headers.append(("content-length", str(len(body))))
     request = h11.Request(method="POST", target=target, headers=headers)
     await stream.send_all(
@@ -370,13 +371,13 @@ async def test_jt808_send_posts_to_the_operator_port(capsys: pytest.CaptureFixtu
             terminal = await online(a.port)
             nursery.start_soon(answer_location, terminal)
             url = f"http://127.0.0.1:{a.http_port}"
-            argv = ["send", "13800138000", "0x8201", "--http", url]
+            argv = ["send", "13800138000", "0x8201", "--http", url, "--token", TEST_TOKEN]
             code = await trio.to_thread.run_sync(cli.main, argv)
             assert code == 0
             answer = json.loads(capsys.readouterr().out)
             assert answer["reply"]["msg_id"] == "0x0201"
 
-            argv = ["send", "13800138999", "0x8201", "--http", url]
+            argv = ["send", "13800138999", "0x8201", "--http", url, "--token", TEST_TOKEN]
             assert await trio.to_thread.run_sync(cli.main, argv) == 1
             assert json.loads(capsys.readouterr().out)["error"] == "offline"
             assert cli.main(["send", PHONE, "0x8201", "--body", "[1]"]) == 2

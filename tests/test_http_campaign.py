@@ -71,6 +71,7 @@ from storage import migrate
 from storage.alerts import AlertRepository
 from storage.masterdata import CATEGORIES
 from tests.db_proxy import DatabaseProxy
+from tests.operator_auth import memory_access
 from tests.storage_fixtures import pg_dsn, pg_schema_dsn  # noqa: F401
 from tests.test_alerts_stream import alert
 from tests.test_http_hardening import parse_reply, request_bytes
@@ -106,6 +107,7 @@ class CampaignNode:
             registry=self.metrics.registry,
             terminals=list,
             health=self._health,
+            access=memory_access(),
             command=_command_runner,
             alerts=self.feed,
             masterdata=DatabaseMasterDataAdmin(proxy.dsn),

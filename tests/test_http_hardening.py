@@ -36,6 +36,7 @@ from storage.alerts import AlertRepository
 from storage.errors import DatabaseUnavailableError, database_errors
 from storage.masterdata import MasterDataError, connect
 from tests.db_proxy import DatabaseProxy
+from tests.operator_auth import AUTH_LINE, memory_access
 from tests.storage_fixtures import db_proxy, migrated_db, pg_dsn, pg_schema_dsn  # noqa: F401
 from tests.test_alerts_stream import Stream, alert
 from tests.test_masterdata_http import FENCES, VEHICLE
@@ -60,6 +61,7 @@ def request_bytes(
     method: str, target: str, body: bytes = b"", headers: dict[str, str] | None = None
 ) -> bytes:
     lines = [f"{method} {target} HTTP/1.1", "host: test", f"content-length: {len(body)}"]
+    lines.append(AUTH_LINE.strip())  # the test admin: the port's checks come after the token's
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
@@ -128,7 +130,9 @@ async def serving(http: OperatorHttp) -> AsyncIterator[int]:
 
 def operator(**kwargs: Any) -> OperatorHttp:
     kwargs.setdefault("terminals", list)
-    return OperatorHttp(host="127.0.0.1", port=0, registry=CollectorRegistry(), **kwargs)
+    return OperatorHttp(
+        host="127.0.0.1", port=0, registry=CollectorRegistry(), access=memory_access(), **kwargs
+    )
 
 
 def counted(metrics: Metrics, name: str, labels: dict[str, str]) -> float:

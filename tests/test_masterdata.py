@@ -242,3 +242,67 @@ def test_a_phone_on_two_plates_is_refused(pg_schema_dsn: str, tmp_path: Path) ->
     assert _import("vehicles", moved, pg_schema_dsn) == 1
     with psycopg.connect(pg_schema_dsn, autocommit=True) as conn:
         assert len(load_registry_rows(conn)) == 4
+
+
+def test_gbk_vehicles_import_says_gb18030(
+    pg_schema_dsn: str,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # What Excel saves on a Chinese Windows: GBK, no BOM.
+    text = (
+        "plate,phone,unit,category,exempt\n"
+        "云A12345,013800000011,昆明市财政局,retained,false\n"
+        "滇B·0001,013800000012,云南省审计厅,platform,true\n"
+    )
+    path = tmp_path / "车辆.csv"
+    path.write_bytes(text.encode("gbk"))
+    # --log-level after the sub-command, and the result still on standard output.
+    assert (
+        main(["vehicles", "import", str(path), "--dsn", pg_schema_dsn, "--log-level", "ERROR"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert out == f"imported 2 vehicles from {path} (read as GB 18030)\n"
+    with psycopg.connect(pg_schema_dsn, autocommit=True) as conn:
+        rows = {r["plate"]: r["unit"] for r in load_registry_rows(conn)}
+    assert rows == {"云A12345": "昆明市财政局", "滇B·0001": "云南省审计厅"}
+    # UTF-8 with a BOM, and the encoding given by hand.
+    path.write_bytes(text.encode("utf-8-sig"))
+    assert (
+        main(["--log-level", "WARNING", "vehicles", "import", str(path), "--dsn", pg_schema_dsn])
+        == 0
+    )
+    assert "(read as UTF-8 (with BOM))" in capsys.readouterr().out
+    path.write_bytes(text.encode("gbk"))
+    assert _import("vehicles", path, pg_schema_dsn, "--encoding", "gbk") == 0
+    assert "(read as gbk)" in capsys.readouterr().out
+    # Neither UTF-8 nor GB 18030: one line naming the line and the byte.
+    path.write_bytes(text.encode("gbk") + b"A9,1,u,retained,\xff\xff\n")
+    assert _import("vehicles", path, pg_schema_dsn) == 1
+    assert "neither UTF-8 nor GB 18030: line 4, byte 17 (0xff)" in caplog.text
+    assert "--encoding" in caplog.text
+
+
+def test_filing_csv_lists_every_problem_at_once(
+    pg_schema_dsn: str,  # noqa: F811
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert _import("vehicles", DATA / "vehicles.csv", pg_schema_dsn) == 0
+    bad = tmp_path / "f.csv"
+    bad.write_text(
+        "plate,start,end,destination,purpose,passengers,approver,state\n"
+        "云A·00001,yesterday,2026-10-01T08:00,,x,y,z,done\n"  # two problems in one line
+        "NOPE,2026-10-01T07:00,2026-10-01T08:00,,x,y,z,\n"  # found by the database lookup
+        "云A·00002,2026-10-01T07:00,2026-10-01T08:00,Moon,x,y,z,,extra\n"
+        "云A·00002,2026-10-01T07:00,2026-10-01T08:00,Moon,x,y,z,\n",
+        encoding="utf-8",
+    )
+    assert _import("filings", bad, pg_schema_dsn) == 1
+    assert "4 problem(s), nothing imported" in caplog.text
+    assert "line 2: start must be an ISO 8601 time" in caplog.text
+    assert "; state must be one of" in caplog.text
+    assert "line 3: unknown vehicle plate 'NOPE'" in caplog.text
+    assert "line 4: more fields than the header" in caplog.text
+    assert "line 5: unknown fence 'Moon' as destination" in caplog.text

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import h11
@@ -17,6 +17,7 @@ import pytest
 import trio
 from prometheus_client import CollectorRegistry
 
+from alerts.calendar import GMT8, SealingPeriod, WorkingCalendar
 from ingest import (
     AlertFilter,
     InMemoryMasterDataAdmin,
@@ -38,6 +39,8 @@ from storage.masterdata import (
     vehicle_rows_from_csv,
     vehicle_rows_from_json,
 )
+from storage.reports_violations import backfilling_by_unit
+from tests.operator_auth import AUTH_HEADER, memory_access
 from tests.storage_fixtures import pg_dsn, pg_schema_dsn  # noqa: F401
 from tests.test_alerts_stream import Stream
 from tests.test_rules_service import CALENDAR, at, drive, holiday_drive
@@ -79,7 +82,7 @@ async def call(
     data = raw if raw is not None else b"" if body is None else json.dumps(body).encode()
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     conn = h11.Connection(h11.CLIENT)
-    headers = [("host", "test"), ("content-length", str(len(data)))]
+    headers = [("host", "test"), ("content-length", str(len(data))), AUTH_HEADER]
     out = conn.send(h11.Request(method=method, target=target, headers=headers))
     out += conn.send(h11.Data(data=data)) + conn.send(h11.EndOfMessage())
     await stream.send_all(out)
@@ -106,6 +109,7 @@ async def operator_port(admin: MasterDataAdmin | None) -> AsyncIterator[int]:
         registry=CollectorRegistry(),
         terminals=list,
         healthy=lambda: True,
+        access=memory_access(),
         masterdata=admin,
     )
     async with trio.open_nursery() as nursery:
@@ -235,8 +239,20 @@ def test_json_rows_get_the_csv_checks_with_every_problem_listed() -> None:
         )
     assert caught.value.problems == (
         "filing 0: end 2026-10-03T09:00:00+08:00 is not after start 2026-10-03T09:00:00+08:00",
-        "filing 1: start must be an ISO 8601 time, got 'soon'",
+        # every problem of a filing, not only its first
+        (
+            "filing 1: start must be an ISO 8601 time, got 'soon'; "
+            "state must be one of pending, approved, rejected, cancelled, got 'maybe'"
+        ),
     )
+    with pytest.raises(MasterDataError) as caught:
+        filing_rows_from_json(
+            [{**FILING, "colour": "red", "end": "later", "passengers": ["a"]}], now=now
+        )
+    (problem,) = caught.value.problems
+    assert problem.startswith("filing 0: unknown keys ['colour']")
+    assert "passengers must be text, a number or null, got list" in problem
+    assert problem.endswith("end must be an ISO 8601 time, got 'later'")
     with pytest.raises(MasterDataError, match="no vehicle given"):
         vehicle_rows_from_json([])
 
@@ -257,16 +273,21 @@ VEHICLE_CSV = "plate,phone,unit,category,exempt\n云A00001,13800000001,gov,retai
 
 
 @asynccontextmanager
-async def db_node(dsn: str) -> AsyncIterator[tuple[RuleService, int, int]]:
+async def db_node(
+    dsn: str,
+    *,
+    clock: Callable[[], datetime] = lambda: at(5, 10),
+    calendar: WorkingCalendar = CALENDAR,
+) -> AsyncIterator[tuple[RuleService, int, int]]:
     def now() -> datetime:
-        return at(5, 10)
+        return clock()
 
     repository = AlertRepository(dsn)
     rules = RuleService(
         master=DatabaseMasterData(dsn, wall_clock=now),
         store=RepositoryAlertStore(repository),
         publish=None,
-        calendar=CALENDAR,
+        calendar=calendar,
         wall_clock=now,
         reload_s=3600,  # only the POST's reload may pick the filing up
     )
@@ -281,7 +302,7 @@ async def db_node(dsn: str) -> AsyncIterator[tuple[RuleService, int, int]]:
         new_auth_code=lambda: next(codes),
         alerts=feed,
     )
-    http = server.operator_http()
+    http = server.operator_http(memory_access())
     http.masterdata = DatabaseMasterDataAdmin(dsn, after_write=rules.reload, wall_clock=now)
     try:
         async with trio.open_nursery() as nursery:
@@ -297,7 +318,12 @@ async def db_node(dsn: str) -> AsyncIterator[tuple[RuleService, int, int]]:
 
 
 @pytest.mark.db
-async def test_posted_backfiling_resolves_the_pending_alert_without_a_restart(db: str) -> None:
+async def test_a_backfiling_posted_late_with_an_earlier_claimed_time_stays_a_violation(
+    db: str,
+) -> None:
+    # Article 21: the platform's receipt time decides.  The trip was on 3 October; the
+    # back-filing reaches the platform only now, long after its deadline (10 October), and
+    # claims to have been filed on 5 October.
     with trio.fail_after(30):
         async with db_node(db) as (_rules, port, http_port):
             stream = await Stream.open(http_port, "/alerts/stream?rule=holiday_sealing&after=0")
@@ -308,30 +334,94 @@ async def test_posted_backfiling_resolves_the_pending_alert_without_a_restart(db
             # Refused as a whole: an unknown plate and fence, found by the database.
             bad = [FILING, {**FILING, "plate": "云A99999", "destination": "nowhere"}]
             status, answer = await call(http_port, "POST", "/filings", bad)
-            assert (status, answer["problems"]) == (
-                400,
-                [
-                    "filing 1: unknown vehicle plate '云A99999'",
-                    "filing 1: unknown fence 'nowhere' as destination",
-                ],
-            )
+            assert status == 400
+            assert "filing 1: unknown vehicle plate '云A99999'" in answer["problems"]
+            assert "filing 1: unknown fence 'nowhere' as destination" in answer["problems"]
             assert await call(http_port, "GET", "/filings") == (200, [])
 
-            status, answer = await call(http_port, "POST", "/filings", FILING)
+            claimed = {**FILING, "filed_at": "2026-10-05T10:00:00+08:00"}
+            before = datetime.now(UTC)
+            status, answer = await call(http_port, "POST", "/filings", claimed)
             assert status == 201
             (filing_id,) = answer["ids"]
-            # The 201 came after the reload: the resolution is already on the stream.
+            # The 201 came after the reload: the judgement is already on the stream.
+            ((seq2, judged),) = await stream.events(1)
+            assert seq2 > seq
+            assert (judged["id"], judged["state"]) == (alert["id"], "violation")
+            assert judged["detail"]["late_filings"] == [filing_id]
+            assert judged["detail"]["claimed_earlier"] == [filing_id]
+            assert judged["detail"]["claimed_filed_at"] == "2026-10-05T10:00:00+08:00"
+
+            status, filings = await call(http_port, "GET", "/filings?since=2026-10-01")
+            assert status == 200
+            (filing,) = filings
+            assert (filing["id"], filing["plate"], filing["passengers"]) == (
+                filing_id,
+                "云A00001",
+                "2",
+            )
+            assert filing["claimed_filed_at"] == "2026-10-05T10:00:00+08:00"
+            received = datetime.fromisoformat(filing["received_at"])
+            assert received >= before - timedelta(seconds=5)  # the database's clock, not ours
+            assert filing["filed_at"] == filing["received_at"]
+
+            # A correction of the end time, after the trip: a second version, both visible.
+            corrected = {**claimed, "end": "2026-10-03T18:00:00+08:00", "id": filing_id}
+            status, answer = await call(http_port, "POST", "/filings", corrected)
+            assert (status, answer["ids"]) == (201, [filing_id])
+            status, one = await call(http_port, "GET", f"/filings/{filing_id}")
+            assert status == 200
+            assert one["version"] == 2
+            assert [(v["version"], v["end"]) for v in one["versions"]] == [
+                (1, "2026-10-03T12:00:00+08:00"),
+                (2, "2026-10-03T18:00:00+08:00"),
+            ]
+            assert one["versions"][0]["received_at"] <= one["versions"][1]["received_at"]
+            assert (await call(http_port, "GET", "/filings/999999"))[0] == 404
+            await stream.aclose()
+    with psycopg.connect(db) as conn:
+        (counts,) = backfilling_by_unit(conn, at(1, 0), at(1, 0, month=11))
+    assert (counts.unit, counts.in_time, counts.late, counts.claimed_earlier) == ("gov", 0, 1, 1)
+
+
+@pytest.mark.db
+async def test_a_backfiling_posted_in_time_resolves_the_pending_alert_without_a_restart(
+    db: str,
+) -> None:
+    # The same with the real clock: a drive during a sealing period that began yesterday,
+    # back-filed at once (well within 3 working days).
+    now = datetime.now(GMT8).replace(microsecond=0)
+    sealed = SealingPeriod(start=now - timedelta(days=1), end=now + timedelta(days=1))
+    calendar = WorkingCalendar(sealing_periods=[sealed], years=range(now.year - 1, now.year + 2))
+    trip_start = now - timedelta(hours=3)
+    with trio.fail_after(30):
+        async with db_node(db, clock=lambda: datetime.now(GMT8), calendar=calendar) as (
+            _rules,
+            port,
+            http_port,
+        ):
+            stream = await Stream.open(http_port, "/alerts/stream?rule=holiday_sealing&after=0")
+            await drive(port, "13800000001", holiday_drive(trip_start))
+            ((seq, alert),) = await stream.events(1)
+            assert alert["state"] == "pending_backfill"
+            filing = {
+                **FILING,
+                "start": (trip_start - timedelta(minutes=5)).isoformat(),
+                "end": (trip_start + timedelta(hours=2)).isoformat(),
+            }
+            status, answer = await call(http_port, "POST", "/filings", filing)
+            assert status == 201
+            (filing_id,) = answer["ids"]
             ((seq2, resolved),) = await stream.events(1)
             assert seq2 > seq
             assert (resolved["id"], resolved["state"]) == (alert["id"], "resolved")
             assert resolved["detail"]["filing"] == filing_id
-
-            status, filings = await call(http_port, "GET", "/filings?since=2026-10-01")
-            assert status == 200
-            assert [(f["id"], f["plate"], f["filed_at"], f["passengers"]) for f in filings] == [
-                (filing_id, "云A00001", "2026-10-05T10:00:00+08:00", "2")
-            ]
+            assert resolved["detail"]["backfilled"] is True
+            assert "claimed_earlier" not in resolved["detail"]
             await stream.aclose()
+    with psycopg.connect(db) as conn:
+        (counts,) = backfilling_by_unit(conn, now - timedelta(days=1), now + timedelta(days=1))
+    assert (counts.in_time, counts.late, counts.claimed_earlier) == (1, 0, 0)
 
 
 @pytest.mark.db
@@ -411,6 +501,7 @@ async def test_the_stream_never_repeats_an_event_committed_during_a_round() -> N
         registry=CollectorRegistry(),
         terminals=list,
         healthy=lambda: True,
+        access=memory_access(),
         alerts=feed,
     )
     with trio.fail_after(10):

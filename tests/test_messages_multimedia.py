@@ -307,6 +307,20 @@ def test_8800_count_is_derived() -> None:
         MultimediaUploadResponse(media_id=1, retransmit_ids=tuple(range(256))).encode()
 
 
+@pytest.mark.parametrize("edition", [Edition.V2013, Edition.V2019])
+def test_8800_with_the_media_id_alone_is_an_empty_list(edition: Edition) -> None:
+    # 8.52: every package arrived, count and list left out.
+    message = MultimediaUploadResponse.decode(bytes.fromhex("0000002a"), edition)
+    assert message == MultimediaUploadResponse(media_id=42, retransmit_ids=())
+    assert message.encode(edition) == bytes.fromhex("0000002a00")  # canonical: a count of 0
+    short = RawMessage.of(0x8800, bytes.fromhex("0000002a"))  # the same body, on the wire
+    frame = encode(short, phone="13800138000", serial=5, edition=edition)
+    assert decode(frame).message == message
+    # A body too short for the media id is still refused.
+    with pytest.raises(BodyDecodeError):
+        MultimediaUploadResponse.decode(bytes.fromhex("000000"), edition)
+
+
 def test_search_without_time_limits() -> None:
     message = MediaSearch(media_type=0, channel=0, event=0)
     assert message.encode() == bytes(15)

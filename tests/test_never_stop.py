@@ -36,6 +36,7 @@ from protocol.codec import encode_split
 from protocol.messages.multimedia import MultimediaData
 from protocol.messages.terminal import TerminalAuth
 from tests.db_proxy import DatabaseProxy
+from tests.operator_auth import AUTH_LINE
 from tests.serving import http, metric, serving
 from tests.storage_fixtures import db_proxy, migrated_db, pg_dsn, pg_schema_dsn  # noqa: F401
 from tests.terminal_client import Terminal, location, registration
@@ -194,7 +195,8 @@ async def test_5_alert_streams_through_an_outage(
             port = app.http_ports[0]
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
-                await stream.send_all(b"GET /alerts/stream HTTP/1.1\r\nHost: t\r\n\r\n")
+                head = f"GET /alerts/stream HTTP/1.1\r\nHost: t\r\n{AUTH_LINE}\r\n"
+                await stream.send_all(head.encode())
                 head = await stream.receive_some(4096)
                 assert head.startswith(b"HTTP/1.1 200")
                 proxy.cut()

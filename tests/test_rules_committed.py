@@ -86,7 +86,8 @@ def setup(dsn: str, count: int = 1, filings: str | None = None, *, filed: dateti
     with psycopg.connect(dsn, autocommit=True) as conn:
         upsert_vehicles(conn, vehicle_rows_from_csv(vehicles_csv(count)))
         if filings:
-            upsert_filings(conn, filing_rows_from_csv(filings, now=filed))
+            # past periods' filings, as a former platform recorded them (their own times)
+            upsert_filings(conn, filing_rows_from_csv(filings, now=filed), historical=True)
 
 
 def alerts(dsn: str) -> list[tuple[str, str, str]]:
@@ -373,14 +374,15 @@ def test_rerun_of_a_past_period_is_idempotent_and_sees_corrected_filings(db: str
     assert sorted(rule for _, rule, _ in alerts(db)) == ["unfiled_trip", "unfiled_trip"]
     again = rerun(db, start, end)
     assert sum(again.changes.values()) == 0  # idempotent
-    # A filing for vehicle 1 was corrected (filed in time, before the deadline).
+    # A filing for vehicle 1 was corrected (filed in time, before the deadline), as the
+    # records of a former platform show it.
     filing = (
         "plate,start,end,destination,purpose,passengers,approver,filed_at\n"
         "云A00001,2026-10-09T08:00:00+08:00,2026-10-09T18:00:00+08:00,,inspection,2,Li,"
         "2026-10-10T10:00:00+08:00\n"
     )
     with psycopg.connect(db, autocommit=True) as conn:
-        upsert_filings(conn, filing_rows_from_csv(filing, now=at(10, 10)))
+        upsert_filings(conn, filing_rows_from_csv(filing, now=at(10, 10)), historical=True)
     after = rerun(db, start, end, plate="云A00001")
     assert after.vehicles == 1
     states = {alert_id.split(":")[1]: state for alert_id, _, state in alerts(db)}

@@ -22,6 +22,7 @@ from storage.masterdata import (
     upsert_vehicles,
     vehicle_rows_from_csv,
 )
+from tests.operator_auth import memory_access
 from tests.storage_fixtures import pg_dsn, pg_schema_dsn  # noqa: F401
 from tests.test_alerts_stream import Stream
 from tests.test_rules_service import CALENDAR, at, drive, holiday_drive
@@ -74,7 +75,7 @@ async def node(dsn: str) -> AsyncIterator[tuple[RuleService, int, int]]:
         async with trio.open_nursery() as nursery:
             await nursery.start(sink.run)
             await nursery.start(rules.run)
-            (http_port,) = await nursery.start(server.operator_http().run)
+            (http_port,) = await nursery.start(server.operator_http(memory_access()).run)
             (port,) = await nursery.start(server.run)
             yield rules, port, http_port
             nursery.cancel_scope.cancel()
@@ -93,7 +94,9 @@ async def test_holiday_drive_alert_in_the_database_and_backfiling_resolves_it(db
             assert alert["deadline"] == "2026-10-10T23:59:59+08:00"
 
             with psycopg.connect(db, autocommit=True) as conn:
-                upsert_filings(conn, filing_rows_from_csv(BACKFILING, now=at(5, 10)))
+                upsert_filings(
+                    conn, filing_rows_from_csv(BACKFILING, now=at(5, 10)), historical=True
+                )
             assert await rules.reload()  # the import took effect without a restart
             ((seq2, resolved),) = await stream.events(1)
             assert seq2 > seq

@@ -27,6 +27,7 @@ from ingest import (
 )
 from protocol.header import Edition, Header
 from protocol.messages.location import ALARM_POWER_CUT, LocationReport
+from tests.operator_auth import memory_access
 from tests.terminal_client import Terminal
 from tests.test_alerts_stream import Stream
 from tools.rules_service import (
@@ -48,10 +49,11 @@ def at(day: int, hour: int, minute: int = 0, *, month: int = 10) -> datetime:
     return datetime(2026, month, day, hour, minute, tzinfo=GMT8)
 
 
-def holiday_drive() -> list[LocationReport]:
-    """2026-10-03 (National Day): parked 30 min, 5 km east at 40 km/h, parked an hour."""
+def holiday_drive(start: datetime | None = None) -> list[LocationReport]:
+    """2026-10-03 (National Day; or from ``start``): parked 30 min, 5 km east at 40 km/h,
+    parked an hour."""
     reports = []
-    t = at(3, 9)
+    t = at(3, 9) if start is None else start
     lon = HOME_E6[0]
     for _ in range(3):
         reports.append(report(t, lon, speed_kmh=0, status=STATUS_FIXED))
@@ -115,7 +117,7 @@ async def node(master: StaticMasterData) -> AsyncIterator[Node]:
     async with trio.open_nursery() as nursery:
         await nursery.start(sink.run)
         await nursery.start(rules.run)
-        (http_port,) = await nursery.start(server.operator_http().run)
+        (http_port,) = await nursery.start(server.operator_http(memory_access()).run)
         (port,) = await nursery.start(server.run)
         yield Node(server, rules, master, feed, sink, port, http_port)
         nursery.cancel_scope.cancel()

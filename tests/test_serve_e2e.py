@@ -29,6 +29,7 @@ from protocol.messages.multimedia import MultimediaData, MultimediaUploadRespons
 from protocol.phone import canonical_phone
 from storage import PositionWriter, Spool, TerminalStore, migrate
 from storage.terminal_cache import TerminalCodeCache
+from tests.operator_auth import TEST_TOKEN, store_token
 from tests.storage_fixtures import pg_dsn, pg_schema_dsn  # noqa: F401
 from tests.terminal_client import Terminal, location
 from tools import cli
@@ -298,6 +299,7 @@ async def test_the_served_app_records_sessions_answers_commands_and_stores_media
 ) -> None:
     port, http_port = _free_port(), _free_port()
     node_id = f"e2e-{uuid.uuid4().hex[:8]}"
+    store_token(db)
     process = _start_server(db, tmp_path, port, "--http-port", str(http_port), "--node-id", node_id)
     try:
         with trio.fail_after(30):
@@ -317,7 +319,7 @@ async def test_the_served_app_records_sessions_answers_commands_and_stores_media
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(answer_location)
                 url = f"http://127.0.0.1:{http_port}"
-                argv = ["send", "13900000201", "0x8201", "--http", url]
+                argv = ["send", "13900000201", "0x8201", "--http", url, "--token", TEST_TOKEN]
                 assert await trio.to_thread.run_sync(cli.main, argv) == 0
             answer = json.loads(capsys.readouterr().out)
             assert (answer["node"], answer["reply"]["msg_id"]) == (node_id, "0x0201")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -22,6 +23,7 @@ from storage.reports import (
 from storage.rows import PositionRow, position_row
 from storage.schema import migrate
 from tests.storage_fixtures import pg_dsn, pg_schema_dsn  # noqa: F401
+from tools.cli import main
 
 DAY = datetime(2024, 5, 1, 8, 0, tzinfo=GMT8)
 RECEIVED = datetime(2024, 5, 1, 0, 0, tzinfo=UTC)
@@ -158,3 +160,30 @@ def test_export_csv_for_a_unit_and_range(reports_db: str) -> None:
 def test_export_needs_aware_times(reports_db: str) -> None:
     with psycopg.connect(reports_db) as conn, pytest.raises(ValueError, match="aware"):
         export_positions_csv(conn, io.BytesIO(), datetime(2024, 5, 1), DAY)
+
+
+def test_export_command_reports_rows_not_bytes(
+    reports_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "positions.csv"
+    argv = ["export", "--from", "2024-05-01T08:00", "--to", "2024-05-03T08:00"]
+    assert main([*argv, "--csv", str(target), "--dsn", reports_db, "--log-level", "ERROR"]) == 0
+    assert capsys.readouterr().out == f"exported 14 rows to {target}\n"
+    assert len(target.read_text(encoding="utf-8").splitlines()) == 1 + 14
+    # The former spelling still works; to standard output, the result line goes to stderr.
+    assert main([*argv, "-o", str(target), "--dsn", reports_db]) == 0
+    assert capsys.readouterr().out == f"exported 14 rows to {target}\n"
+    assert main([*argv, "--dsn", reports_db]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 1 + 14
+    assert captured.err == "exported 14 rows to standard output\n"
+    rows: list[tuple[int, int]] = []
+    with psycopg.connect(reports_db) as conn:
+        export_positions_csv(
+            conn,
+            io.BytesIO(),
+            DAY,
+            DAY + timedelta(days=2),
+            progress=lambda r, b: rows.append((r, b)),
+        )
+    assert rows[-1][0] == 14

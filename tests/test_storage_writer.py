@@ -420,7 +420,10 @@ def test_config_checks() -> None:
     assert WriterConfig(batch_rows=100, connections=2).pending_cap == 400
 
 
-async def test_writer_keeps_partitions_ahead_of_its_clock(db: str) -> None:
+async def test_writer_keeps_partitions_ahead_of_its_clock(pg_schema_dsn: str) -> None:  # noqa: F811
+    db = pg_schema_dsn
+    with psycopg.connect(db, autocommit=True) as conn:
+        migrate(conn, backend="partitioned")  # by name: on a server with TimescaleDB too
     future = datetime(2031, 3, 1, 12, tzinfo=UTC)
     config = dataclasses.replace(FAST, partition_days_ahead=2)
     writer = PositionWriter(db, config=config, wall_clock=lambda: future)

@@ -23,6 +23,7 @@ import psycopg
 from alerts.rules import RULE_NAMES, AlertState
 from storage import AlertRepository, StorageError, database_dsn
 from tools.db_cmd import add_database_arguments, resolve
+from tools.text import table
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +40,37 @@ def iso_time(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=CHINA)
 
 
+EXAMPLES = """\
+examples:
+  jt808 alerts list --since 2026-10-01 --until 2026-10-08 --unit 昆明市财政局
+  jt808 alerts list --since 2026-10-01T08:00 --rule holiday_sealing --json
+  jt808 alerts tail --rule out_of_area --http http://node2:9808
+"""
+LIST_EXAMPLES = """\
+examples:
+  jt808 alerts list --since 2026-10-01 --until 2026-10-08 --unit 昆明市财政局
+  jt808 alerts list --since 2026-10-01T08:00 --rule holiday_sealing --json
+"""
+TAIL_EXAMPLES = """\
+examples:
+  jt808 alerts tail
+  jt808 alerts tail --unit 昆明市财政局 --state violation --json
+  jt808 alerts tail --http http://node2:9808 --after 0 --count 10
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    listing = actions.add_parser("list", help="alerts opened in a time range")
-    listing.add_argument("--since", type=iso_time, required=True, help="ISO 8601 start")
-    listing.add_argument("--until", type=iso_time, help="ISO 8601 end, exclusive")
+    listing = actions.add_parser(
+        "list",
+        help="alerts opened in a time range",
+        description="Alert history from the database: the alerts opened in [--since, "
+        "--until), oldest first, as a table (times in China time) or JSON lines.  Times "
+        "without an offset are China time.",
+        epilog=LIST_EXAMPLES,
+    )
+    listing.add_argument("--since", "--from", type=iso_time, required=True, help="ISO 8601 start")
+    listing.add_argument("--until", "--to", type=iso_time, help="ISO 8601 end, exclusive")
     listing.add_argument("--unit", help="only this owning unit")
     listing.add_argument("--rule", choices=RULE_NAMES, help="only this rule")
     listing.add_argument("--state", choices=[s.value for s in AlertState], help="only this state")
@@ -52,7 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing.set_defaults(run=run_list)
     if importlib.util.find_spec(_TAIL_MODULE) is not None:
         tail = importlib.import_module(_TAIL_MODULE)
-        tail_parser = actions.add_parser("tail", help="follow alerts live")
+        tail_parser = actions.add_parser(
+            "tail",
+            help="follow alerts live",
+            description="Follow a node's live alert stream (GET /alerts/stream): one line per "
+            "alert event, or its JSON.  After a dropped connection it resumes where it left "
+            "off; Ctrl-C exits 130.",
+            epilog=TAIL_EXAMPLES,
+        )
         tail.add_arguments(tail_parser)
         tail_parser.set_defaults(run=tail.run)
 
@@ -61,16 +95,7 @@ def run(args: argparse.Namespace) -> int:  # pragma: no cover - the sub-command'
     return run_list(args)
 
 
-_TABLE = (
-    ("opened_at", 19),
-    ("rule", 17),
-    ("state", 16),
-    ("severity", 8),
-    ("plate", 10),
-    ("unit", 12),
-    ("deadline", 19),
-    ("closed_at", 19),
-)
+_TABLE = ("opened_at", "rule", "state", "severity", "plate", "unit", "deadline", "closed_at")
 
 
 def _cell(alert: Mapping[str, Any], key: str) -> str:
@@ -83,11 +108,13 @@ def _cell(alert: Mapping[str, Any], key: str) -> str:
 
 
 def write_table(alerts: Sequence[Mapping[str, Any]], out: TextIO) -> None:
-    """A readable table (times in China time), one alert a line, then the count."""
-    out.write("  ".join(name.upper().ljust(width) for name, width in _TABLE) + "  ID\n")
-    for alert in alerts:
-        cells = [_cell(alert, name).ljust(width) for name, width in _TABLE]
-        out.write("  ".join(cells) + f"  {alert['id']}\n")
+    """A readable table (times in China time), one alert a line, then the count.  Columns
+    line up on a terminal whatever the plates and unit names (Chinese characters take two
+    columns: :func:`tools.text.display_width`)."""
+    rows = [[name.upper() for name in _TABLE] + ["ID"]]
+    rows += [[_cell(alert, name) for name in _TABLE] + [str(alert["id"])] for alert in alerts]
+    for line in table(rows):
+        out.write(line + "\n")
     out.write(f"{len(alerts)} alert(s)\n")
 
 

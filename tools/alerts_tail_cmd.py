@@ -6,7 +6,8 @@ event id it saw (``Last-Event-ID``), so no event is lost or shown twice while th
 holds it.  Ctrl-C exits 130; ``--count N`` stops after N events (exit 0).
 
 The stream is read with ``urllib.request`` line by line (``http.client`` undoes the chunked
-transfer encoding); tools open no sockets themselves.
+transfer encoding); tools open no sockets themselves.  An ``https://`` node is checked against
+``--cacert`` / ``JT808_CACERT`` (:mod:`tools.operator_client`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
+
+from tools.operator_client import (
+    ClientContext,
+    ClientSetupError,
+    add_tls_arguments,
+    tls_context,
+)
+from tools.operator_token import add_token_argument, auth_headers
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +62,8 @@ def add_tail_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         help=f"the node's operator HTTP address (default {DEFAULT_HTTP})",
     )
+    add_tls_arguments(parser)
+    add_token_argument(parser)
     parser.add_argument(
         "--after", type=int, metavar="SEQ", help="start after this event id (0: all held)"
     )
@@ -72,6 +83,12 @@ def run_tail(
     if args.count is not None and args.count < 1:
         logger.error("--count must be at least 1")
         return 2
+    try:
+        context = tls_context(args)
+    except ClientSetupError as exc:
+        logger.error("%s", exc)  # noqa: TRY400 - a usage error, not a crash
+        return 2
+    auth = auth_headers(args)
     filters = {
         key: getattr(args, key)
         for key in ("unit", "rule", "state", "severity")
@@ -86,7 +103,9 @@ def run_tail(
     try:
         while True:
             try:
-                for event_id, data in _events(url, last_id, timeout_s=read_timeout_s):
+                for event_id, data in _events(
+                    url, last_id, timeout_s=read_timeout_s, context=context, headers=auth
+                ):
                     last_id = event_id or last_id
                     delay = RETRY_FIRST_S
                     out.write(_render(data, as_json=args.json) + "\n")
@@ -96,7 +115,8 @@ def run_tail(
                         return EXIT_OK
                 logger.warning("stream ended; reconnecting")
             except urllib.error.HTTPError as exc:
-                if exc.code != 503:  # 503: the node's stream cap; anything else will not heal
+                # 503: the node's stream cap, 429: this client's share of it; both heal.
+                if exc.code not in (429, 503):
                     body = exc.read().decode(errors="replace")
                     logger.error("%s: HTTP %s %s", url, exc.code, body)  # noqa: TRY400
                     return EXIT_FAILURE
@@ -110,15 +130,21 @@ def run_tail(
 
 
 def _events(
-    url: str, last_id: str | None, *, timeout_s: float = READ_TIMEOUT_S
+    url: str,
+    last_id: str | None,
+    *,
+    timeout_s: float = READ_TIMEOUT_S,
+    context: ClientContext | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[str | None, str]]:
     """(id, data) of each event of one connection (server-sent events framing: fields up to a
     blank line; comment lines start with a colon)."""
-    headers = {"Accept": "text/event-stream"}
+    sent = {"Accept": "text/event-stream", **(headers or {})}
     if last_id is not None:
-        headers["Last-Event-ID"] = last_id
-    request = urllib.request.Request(url, headers=headers)  # noqa: S310 - the operator's URL
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
+        sent["Last-Event-ID"] = last_id
+    request = urllib.request.Request(url, headers=sent)  # noqa: S310 - the operator's URL
+    opened = urllib.request.urlopen(request, timeout=timeout_s, context=context)  # noqa: S310
+    with opened as response:
         event_id: str | None = None
         data: list[str] = []
         while True:

@@ -11,22 +11,42 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
+EXAMPLES = """\
+examples:
+  jt808 db migrate --dsn postgresql://jt808@db/jt808
+  jt808 db migrate --backend partitioned
+  jt808 db status --json
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "action",
-        choices=["migrate", "status"],
-        help="migrate: create or update the schema; status: backend, schema version, "
-        "partitions or chunks, jobs, unlinked positions, rule engines",
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    migrating = actions.add_parser(
+        "migrate",
+        help="create or update the schema",
+        description="Create or update the schema (idempotent; the server also does it).",
+        epilog="examples:\n  jt808 db migrate --dsn postgresql://jt808@db/jt808\n"
+        "  jt808 db migrate --backend partitioned\n",
     )
-    parser.add_argument("--json", action="store_true", help="status as one JSON object")
-    parser.add_argument(
+    migrating.add_argument(
         "--backend",
         choices=["auto", "timescaledb", "partitioned"],
         default="auto",
         help="positions storage for a new schema (default auto: TimescaleDB when the extension "
         "is installed, or available and in shared_preload_libraries; else partitions)",
     )
-    add_database_arguments(parser)
+    add_database_arguments(migrating)
+    status = actions.add_parser(
+        "status",
+        help="backend, schema version, partitions or chunks, jobs, unlinked positions, "
+        "rule engines",
+        description="The database's state: backend, schema version, partitions or chunks, "
+        "jobs, unlinked positions, rule engines.",
+        epilog="examples:\n  jt808 db status\n  jt808 db status --json --dsn "
+        "postgresql://jt808@db/jt808\n",
+    )
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    add_database_arguments(status)
 
 
 def add_database_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                 )
                 return 0
             migrate(conn, backend=args.backend)
-            logger.info("schema is current (backend: %s)", current_backend(conn))
+            print(f"schema is current (backend: {current_backend(conn)})", flush=True)
     except (StorageError, psycopg.Error) as exc:
         logger.error("%s", exc)  # noqa: TRY400 - reported, not a crash
         return 1

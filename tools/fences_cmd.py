@@ -18,6 +18,25 @@ from geofence.geojson import fences_from_geojson
 from storage import upsert_fences
 from tools.masterdata_cmd import add_import_arguments, fence_row, run_import
 
+EXAMPLES = """\
+GeoJSON: a FeatureCollection, one Feature per fence (see geofence/geojson.py):
+  geometry        Polygon or MultiPolygon; Point with properties.radius_m (a circle)
+  name            required, unique
+  kind            permitted, forbidden, parking or destination
+  shape           optional: rectangle (an axis-aligned Polygon)
+  unit            optional: the fence applies to that unit's vehicles only
+  max_speed_kmh, overspeed_duration_s, night_max_speed_kmh, area_id   optional
+  start_time, end_time   optional: "HH:MM" daily window, or ISO 8601 period (China time)
+
+examples:
+  jt808 fences import fences.geojson
+  jt808 fences import fences.geojson --replace --dsn postgresql://jt808@db/jt808
+
+  {"type": "FeatureCollection", "features": [{"type": "Feature",
+    "geometry": {"type": "Point", "coordinates": [102.71, 25.04]},
+    "properties": {"name": "Bureau car park", "kind": "parking", "radius_m": 150}}]}
+"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_import_arguments(parser, "fences (GeoJSON)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, time
 from pathlib import Path
@@ -22,7 +23,10 @@ from alerts.model import Filing, Registry, Vehicle
 from geofence.geojson import fences_from_geojson, fences_to_geojson
 from geofence.model import DailyWindow, Fence, PeriodWindow
 from storage import StorageError, database_dsn, migrate
+from storage.access import set_actor
+from tools.access_db import cli_user
 from tools.db_cmd import add_database_arguments, resolve
+from tools.text import TextFileError, progress, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -32,30 +36,47 @@ EXIT_FAILED = 1
 def add_import_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("action", choices=["import"], help=f"import: load {what} from FILE")
     parser.add_argument("file", type=Path, metavar="FILE")
+    add_encoding_argument(parser)
     add_database_arguments(parser)
+
+
+def add_encoding_argument(parser: argparse.ArgumentParser) -> None:
+    """``--encoding`` of an import (default: detected, see :mod:`tools.text`)."""
+    parser.add_argument(
+        "--encoding",
+        metavar="NAME",
+        help="the file's encoding, e.g. gbk (default: detected: UTF-8 with or without BOM, "
+        "else GB 18030, which covers GBK)",
+    )
 
 
 @contextlib.contextmanager
 def connect(args: argparse.Namespace) -> Iterator[psycopg.Connection[Any]]:
-    """A connection to the configured (or embedded) database, schema migrated."""
+    """A connection to the configured (or embedded) database, schema migrated; its writes
+    are named in the audit trail by the user running the command (source ``cli``)."""
     configured, data_dir = resolve(args)
     with (
         database_dsn(configured, data_dir / "pgdata") as dsn,
         psycopg.connect(dsn, autocommit=True) as conn,
     ):
         migrate(conn)
+        set_actor(conn, cli_user(), "cli")
         yield conn
 
 
 def run_import(
     args: argparse.Namespace, load: Callable[[str, psycopg.Connection[Any]], int], what: str
 ) -> int:
-    """Read FILE (UTF-8) and ``load`` it; errors are printed and give exit status 1."""
+    """Read FILE (``--encoding``, else detected: :func:`tools.text.read_text`) and ``load``
+    it; the result line goes to standard output, errors to the log and give exit status 1."""
     try:
-        text = args.file.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        logger.error("cannot read %s: %s", args.file, exc)  # noqa: TRY400 - reported
+        text, encoding = read_text(args.file, getattr(args, "encoding", None))
+    except TextFileError as exc:
+        logger.error("%s", exc)  # noqa: TRY400 - reported
         return EXIT_FAILED
+    if progress():
+        lines = text.count("\n")
+        print(f"{args.file}: read as {encoding}, {lines} line(s); storing ...", file=sys.stderr)
     try:
         with connect(args) as conn:
             count = load(text, conn)
@@ -65,7 +86,7 @@ def run_import(
     except (StorageError, psycopg.Error) as exc:
         _report(args.file, exc)
         return EXIT_FAILED
-    logger.info("imported %d %s from %s", count, what, args.file)
+    print(f"imported {count} {what} from {args.file} (read as {encoding})", flush=True)
     return 0
 
 
@@ -151,7 +172,8 @@ def fences_from_rows(rows: Sequence[Mapping[str, Any]]) -> list[Fence]:
 
 
 def filings_from_rows(rows: Sequence[Mapping[str, Any]]) -> list[Filing]:
-    """The engine's filings from ``load_filing_rows``."""
+    """The engine's filings from ``load_filing_versions`` (or ``load_filing_rows``: one version
+    each)."""
     return [
         Filing(
             id=int(r["id"]),
@@ -163,6 +185,9 @@ def filings_from_rows(rows: Sequence[Mapping[str, Any]]) -> list[Filing]:
             purpose=r["purpose"],
             passengers=r["passengers"],
             approver=r["approver"],
+            version=int(r.get("version") or 1),
+            superseded_at=r.get("superseded_at"),
+            claimed_at=r.get("claimed_filed_at"),
         )
         for r in rows
     ]

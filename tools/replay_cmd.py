@@ -34,11 +34,20 @@ from tools.replay import (
     inspect,
 )
 from tools.simulate import DEFAULT_PORT, check_loopback
+from tools.text import progress
 
 EXIT_OK = 0
 EXIT_LOSS = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+# A progress line a second on a terminal (standard error), none into a pipe or a log.
+PROGRESS_S = 1.0
+EXAMPLES = """\
+examples:
+  jt808 replay captures/ --target 127.0.0.1:6808
+  jt808 replay captures/*.jt808cap --fast --json
+  jt808 replay one.jt808cap --speed 10
+"""
 
 
 class UsageError(Exception):
@@ -171,6 +180,31 @@ def summary(stats: ReplayStats, config: ReplayConfig) -> str:
     )
 
 
+def progress_line(stats: ReplayStats, elapsed_s: float) -> str:
+    return (
+        f"[{elapsed_s:6.1f}s] connections {stats.connections + stats.connect_failures}"
+        f"/{stats.files} ({stats.connect_failures} failed)  sent {sum(stats.frames_sent.values())}"
+        f" frames  reports acked {stats.reports_acked}/{stats.reports_sent}"
+    )
+
+
+async def _replay(replayer: Replayer, err: IO[str], every_s: float | None) -> None:
+    """The replay, with a progress line on ``err`` every ``every_s`` (None: none)."""
+    async with trio.open_nursery() as nursery:
+        if every_s is not None:
+            nursery.start_soon(_show_progress, replayer, err, every_s)
+        await replayer.run()
+        nursery.cancel_scope.cancel()
+
+
+async def _show_progress(replayer: Replayer, err: IO[str], every_s: float) -> None:
+    start = trio.current_time()
+    while True:
+        await trio.sleep(every_s)
+        err.write(progress_line(replayer.stats, trio.current_time() - start) + "\n")
+        err.flush()
+
+
 def exit_status(stats: ReplayStats) -> int:
     failed = stats.connect_failures or stats.unreadable_files or stats.reports_unanswered
     return EXIT_LOSS if failed else EXIT_OK
@@ -188,10 +222,12 @@ def run(
         return EXIT_USAGE
     replayer = Replayer(config, infos)
     status: int | None = None
+    every_s = PROGRESS_S if progress(err) else None
     try:
-        trio.run(replayer.run)
-    except KeyboardInterrupt:
+        trio.run(_replay, replayer, err, every_s)
+    except* KeyboardInterrupt:  # Ctrl-C: trio raises it inside a group from the task tree
         status = EXIT_INTERRUPTED
+        err.write("jt808 replay: interrupted\n")
     stats = replayer.stats
     out.write(summary(stats, config) + "\n")
     if args.json:

@@ -24,11 +24,18 @@ from storage import (
     month_bounds,
     violations_by_unit_rule,
 )
+from storage.reports_violations import BackfillCount, backfilling_by_unit
 from tools.db_cmd import add_database_arguments, resolve
+from tools.text import display_width, pad
 
 logger = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("period", "unit", "rule", "violations", "vehicles")
+EXAMPLES = """\
+examples:
+  jt808 report violations --period 2026-10
+  jt808 report violations --period 2026-10 --unit 昆明市财政局 --csv oct.csv --png oct.png
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,21 +48,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def write_table(period: str, counts: Sequence[ViolationCount], out: TextIO) -> None:
-    width = max([4, *(len(c.unit) for c in counts)])
+    # By display width: a Chinese unit name takes two columns a character.
+    width = max([4, *(display_width(c.unit) for c in counts)])
     out.write(f"Violations {period}\n")
     out.write(f"{'UNIT'.ljust(width)}  {'RULE'.ljust(17)}  VIOLATIONS  VEHICLES\n")
     for c in counts:
         out.write(
-            f"{c.unit.ljust(width)}  {c.rule.ljust(17)}  {c.violations:>10}  {c.vehicles:>8}\n"
+            f"{pad(c.unit, width)}  {c.rule.ljust(17)}  {c.violations:>10}  {c.vehicles:>8}\n"
         )
     out.write(f"{'total'.ljust(width)}  {''.ljust(17)}  {sum(c.violations for c in counts):>10}\n")
 
 
-def write_csv(period: str, counts: Sequence[ViolationCount], out: TextIO) -> None:
+# Back-filing figures in the CSV: one row per unit and figure, in the "rule" column.
+BACKFILL_FIGURES = ("backfilled_in_time", "backfilled_late", "claimed_earlier_than_receipt")
+
+
+def write_backfilling(period: str, counts: Sequence[BackfillCount], out: TextIO) -> None:
+    """Article 21: back-filings of the period's trips per unit."""
+    if not counts:
+        return
+    width = max([4, *(len(c.unit) for c in counts)])
+    out.write(f"\nBack-filing {period}\n")
+    out.write(f"{'UNIT'.ljust(width)}  IN TIME  LATE  CLAIMED EARLIER THAN RECEIPT\n")
+    for c in counts:
+        out.write(f"{c.unit.ljust(width)}  {c.in_time:>7}  {c.late:>4}  {c.claimed_earlier:>28}\n")
+
+
+def write_csv(
+    period: str,
+    counts: Sequence[ViolationCount],
+    out: TextIO,
+    backfilling: Sequence[BackfillCount] = (),
+) -> None:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for c in counts:
         writer.writerow((period, c.unit, c.rule, c.violations, c.vehicles))
+    for b in backfilling:
+        for figure, value in zip(
+            BACKFILL_FIGURES, (b.in_time, b.late, b.claimed_earlier), strict=True
+        ):
+            writer.writerow((period, b.unit, figure, value, ""))
 
 
 def draw_png(period: str, counts: Sequence[ViolationCount], path: Path) -> None:
@@ -96,14 +129,16 @@ def run(args: argparse.Namespace) -> int:
             psycopg.connect(dsn, autocommit=True) as conn,
         ):
             counts = violations_by_unit_rule(conn, start, end, unit=args.unit)
+            backfilling = backfilling_by_unit(conn, start, end, unit=args.unit)
     except (StorageError, psycopg.Error) as exc:
         logger.error("%s", exc)  # noqa: TRY400 - reported, not a crash
         return 1
     write_table(args.period, counts, sys.stdout)
+    write_backfilling(args.period, backfilling, sys.stdout)
     try:
         if args.csv is not None:
             with args.csv.open("w", encoding="utf-8", newline="") as out:
-                write_csv(args.period, counts, out)
+                write_csv(args.period, counts, out, backfilling)
         if args.png is not None:
             draw_png(args.period, counts, args.png)
     except OSError as exc:

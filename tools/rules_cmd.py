@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXAMPLES = """\
+examples:
+  jt808 rules run --dsn postgresql://jt808@db/jt808 --metrics-port 9810
+  jt808 rules rerun --from 2026-09-01 --to 2026-10-01 --unit 昆明市财政局
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

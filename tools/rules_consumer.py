@@ -297,8 +297,8 @@ class CommittedRuleService(RuleService):
         _, _, filings = self.master.load(need)
         self.filings_since = need
         known = self._filings
-        new = [f for f in filings if known.get(f.id) != f]
-        known.update({f.id: f for f in new})
+        new = [f for f in filings if known.get(f.key) != f]
+        known.update({f.key: f for f in new})
         return self.engine.add_filings(new)
 
     def _batch(self, rows: Sequence[tuple[Any, ...]]) -> PositionBatch:

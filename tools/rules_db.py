@@ -47,8 +47,10 @@ from geofence import Fence
 from geofence.errors import GeoJSONError
 from geofence.geojson import fences_from_geojson, fences_to_geojson
 from ingest import AlertFilter, MasterDataRejected
+from ingest.access import Actor
 from ingest.interfaces import AlertVocabulary, ServiceUnavailableError
 from storage import masterdata
+from storage.access import set_actor
 from storage.alerts import AlertRepository
 from storage.errors import DatabaseUnavailableError
 from storage.trips import TripRepository
@@ -102,7 +104,7 @@ class DatabaseMasterData:
         with psycopg.connect(self._dsn) as conn:
             registry = registry_from_rows(masterdata.load_registry_rows(conn))
             fences = fences_from_rows(masterdata.load_fence_rows(conn))
-            filings = filings_from_rows(masterdata.load_filing_rows(conn, since))
+            filings = filings_from_rows(masterdata.load_filing_versions(conn, since))
         return registry, fences, filings
 
 
@@ -187,10 +189,14 @@ class DatabaseMasterDataAdmin:
         self._wall_clock = wall_clock
         self._limiter = trio.CapacityLimiter(ADMIN_CONNECTIONS)
 
-    async def _run(self, work: Callable[[psycopg.Connection[Any]], Any]) -> Any:
+    async def _run(
+        self, work: Callable[[psycopg.Connection[Any]], Any], actor: Actor | None = None
+    ) -> Any:
         def call() -> Any:
             try:
                 with masterdata.connect(self._dsn) as conn:
+                    if actor is not None:  # the audit trail's triggers name the writer
+                        set_actor(conn, actor.name, actor.source)
                     return work(conn)
             except masterdata.MasterDataError as exc:
                 raise MasterDataRejected(exc.problems) from exc
@@ -201,13 +207,15 @@ class DatabaseMasterDataAdmin:
 
         return await trio.to_thread.run_sync(call, limiter=self._limiter)
 
-    async def _write(self, work: Callable[[psycopg.Connection[Any]], list[int]]) -> list[int]:
-        ids: list[int] = await self._run(work)
+    async def _write(
+        self, work: Callable[[psycopg.Connection[Any]], list[int]], actor: Actor | None
+    ) -> list[int]:
+        ids: list[int] = await self._run(work, actor)
         if self._after_write is not None:
             await self._after_write()
         return ids
 
-    async def add_vehicles(self, items: list[Any]) -> list[int]:
+    async def add_vehicles(self, items: list[Any], *, actor: Actor | None = None) -> list[int]:
         try:
             rows = masterdata.vehicle_rows_from_json(items)
         except masterdata.MasterDataError as exc:
@@ -219,9 +227,11 @@ class DatabaseMasterDataAdmin:
                 ids = masterdata.vehicle_ids(conn, [r["plate"] for r in rows])
             return [int(i) for i in ids if i is not None]
 
-        return await self._write(write)
+        return await self._write(write, actor)
 
-    async def add_fences(self, collection: Mapping[str, Any]) -> list[int]:
+    async def add_fences(
+        self, collection: Mapping[str, Any], *, actor: Actor | None = None
+    ) -> list[int]:
         try:
             fences = fences_from_geojson(collection)
         except GeoJSONError as exc:
@@ -236,9 +246,9 @@ class DatabaseMasterDataAdmin:
         def write(conn: psycopg.Connection[Any]) -> list[int]:
             return masterdata.upsert_fences(conn, rows)
 
-        return await self._write(write)
+        return await self._write(write, actor)
 
-    async def add_filings(self, items: list[Any]) -> list[int]:
+    async def add_filings(self, items: list[Any], *, actor: Actor | None = None) -> list[int]:
         try:
             rows = masterdata.filing_rows_from_json(items, now=self._wall_clock())
         except masterdata.MasterDataError as exc:
@@ -247,7 +257,7 @@ class DatabaseMasterDataAdmin:
         def write(conn: psycopg.Connection[Any]) -> list[int]:
             return masterdata.upsert_filings(conn, rows)
 
-        return await self._write(write)
+        return await self._write(write, actor)
 
     async def vehicles(self) -> list[dict[str, Any]]:
         rows = await self._run(masterdata.load_registry_rows)
@@ -260,6 +270,21 @@ class DatabaseMasterDataAdmin:
             json.dumps(fences_to_geojson(fences_from_rows(rows)), default=_json_value)
         )
         return document
+
+    async def filing(self, filing_id: int) -> dict[str, Any] | None:
+        def read(conn: psycopg.Connection[Any]) -> list[dict[str, Any]] | None:
+            return masterdata.filing_history(conn, filing=filing_id)
+
+        versions = await self._run(read)
+        if not versions:
+            return None
+        current = versions[-1]
+        return {
+            "id": filing_id,
+            **{k: _json_value(v) for k, v in current.items() if k not in ("filing", "version")},
+            "version": current["version"],
+            "versions": [{k: _json_value(v) for k, v in v.items()} for v in versions],
+        }
 
     async def filings(self, since: datetime | None) -> list[dict[str, Any]]:
         def read(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:

@@ -358,7 +358,8 @@ class RuleService:
         self.filings_since: datetime | None = None
         self._drained = trio.Event()
         self._phones = PhoneIndex(Registry(()))
-        self._filings: dict[int, Filing] = {}  # what the engine holds, to apply changes only
+        # what the engine holds, by (filing, version), to apply changes only
+        self._filings: dict[tuple[int, int], Filing] = {}
         self._limiter = trio.CapacityLimiter(1)  # the engine is not thread-safe
         self._send, self._receive = trio.open_memory_channel[Sequence[PositionRecord]](
             queue_batches
@@ -500,7 +501,7 @@ class RuleService:
         )
         self.store = self.engine.store  # keep the same store across rebuilds
         self._phones = PhoneIndex(registry)
-        self._filings = {f.id: f for f in filings}
+        self._filings = {f.key: f for f in filings}
         logger.info(
             "rules: %s vehicle(s), %s fence(s), %s filing(s)",
             len(registry),
@@ -568,10 +569,10 @@ class RuleService:
             self.version = version
             return None
         engine.set_fences(fences)
-        new = {f.id: f for f in filings}
+        new = {f.key: f for f in filings}
         old = self._filings
-        engine.remove_filings([fid for fid in old if fid not in new])
-        result = engine.add_filings([f for fid, f in new.items() if old.get(fid) != f])
+        engine.remove_filings([key for key in old if key not in new])
+        result = engine.add_filings([f for key, f in new.items() if old.get(key) != f])
         self._filings = new
         self.version = version
         logger.info(

@@ -28,9 +28,10 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 if TYPE_CHECKING:  # the heavy imports happen only when the command runs
     import trio
@@ -57,6 +58,16 @@ GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (see serve(
 # milliseconds and a first install takes well under a second; a database that neither answers
 # nor refuses (connect timeout 5 s) must not keep terminals waiting much longer.
 SCHEMA_FIRST_ATTEMPT_S = 10.0
+EXAMPLES = """\
+examples:
+  jt808 serve                                        embedded database in ./jt808-data
+  jt808 serve --dsn postgresql://jt808@db/jt808 --registration registry --workers 4
+  JT808_DSN=postgresql://jt808@db/jt808 jt808 serve --config /etc/jt808.toml
+
+Configuration: flags, then JT808_* environment variables (JT808_DSN, JT808_PORT, ...), then
+the TOML file of --config, then the defaults.  Terminals connect to --port on every interface
+(--host 0.0.0.0); with --registration open any terminal may register.
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,7 +177,7 @@ class MediaStoreSink:
 
 
 def run(args: argparse.Namespace) -> int:
-    import trio  # noqa: PLC0415
+    import psycopg  # noqa: PLC0415
 
     from ingest import ConfigError, load_config  # noqa: PLC0415
     from storage import StorageError, database_dsn  # noqa: PLC0415
@@ -184,18 +195,93 @@ def run(args: argparse.Namespace) -> int:
         except RulesFileError as exc:
             logger.error("%s", exc)  # noqa: TRY400
             return EXIT_USAGE
+    if not _exposure_allowed(config):
+        return EXIT_USAGE
     data_dir: Path = args.data_dir or config.data_dir
+    if config.dsn:
+        try:
+            psycopg.conninfo.conninfo_to_dict(config.dsn)
+        except psycopg.ProgrammingError as exc:
+            logger.error("--dsn / JT808_DSN is not a connection string: %s", exc)  # noqa: TRY400
+            return EXIT_USAGE
     try:
         # No migration here: each process migrates in the background (storage.migrator), so a
         # node starts and spools while its database is still down.
         with database_dsn(config.dsn, data_dir / "pgdata") as dsn:
             if config.workers == 1:
-                trio.run(serve, config, dsn, data_dir)
-                return EXIT_OK
+                return _serve_process(config, dsn, data_dir)
             return _run_workers(config, dsn, data_dir, args.log_level)
-    except StorageError as exc:
-        logger.error("%s", exc)  # noqa: TRY400
+    except (StorageError, psycopg.Error) as exc:  # the embedded database did not start
+        logger.error("database: %s", str(exc).strip().splitlines()[0])  # noqa: TRY400
         return 1
+
+
+_T = TypeVar("_T")
+
+
+class ListenError(Exception):
+    """A port the node cannot listen on (in use, an address not of this machine): the message
+    names it."""
+
+
+def _serve_process(config: ServerConfig, dsn: str, data_dir: Path) -> int:
+    """Run :func:`serve` in this process; a port it cannot listen on is one error line and
+    exit status 1 (not a traceback)."""
+    import trio  # noqa: PLC0415
+
+    status = EXIT_OK
+    try:
+        trio.run(serve, config, dsn, data_dir)
+    except* ListenError as group:
+        for error in _leaves(group):
+            logger.error("%s", error)  # noqa: TRY400 - a configuration error, not a crash
+        status = 1
+    return status
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for error in group.exceptions:
+        found.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
+    return found
+
+
+async def _listening(
+    what: str,
+    host: str | None,
+    port: int,
+    start: Callable[[], Awaitable[_T]],
+) -> _T:
+    """``start()`` (a ``nursery.start`` of a listening service); an OSError before it
+    listens (the port in use, an address that is not this machine's, a name that does not
+    resolve) becomes a :class:`ListenError` naming the address and the port."""
+    try:
+        return await start()
+    except* OSError as group:
+        cause = _leaves(group)[0]
+        reason = getattr(cause, "strerror", None) or str(cause)
+        where = f"{host or '*'} port {port}"
+        raise ListenError(f"cannot listen for {what} on {where}: {reason}") from None
+
+
+def _exposure_allowed(config: ServerConfig) -> bool:
+    """Refuse (one error line) an operator port beyond loopback without TLS unless allowed,
+    or a certificate and key that cannot be used; warn about what is allowed but exposed."""
+    from ingest.tls import TlsSetupError, exposure, server_context  # noqa: PLC0415
+
+    verdict = exposure(config)
+    if verdict.refusal is not None:
+        logger.error("%s", verdict.refusal)
+        return False
+    if config.http_tls_cert is not None and config.http_tls_key is not None:
+        try:
+            server_context(config.http_tls_cert, config.http_tls_key)
+        except TlsSetupError as exc:
+            logger.error("%s", exc)  # noqa: TRY400 - a usage error, not a crash
+            return False
+    for warning in verdict.warnings:
+        logger.warning("%s", warning)
+    return True
 
 
 def _run_workers(config: ServerConfig, dsn: str, data_dir: Path, log_level: str) -> int:
@@ -237,8 +323,6 @@ def _run_workers(config: ServerConfig, dsn: str, data_dir: Path, log_level: str)
 def _worker_main(
     config: ServerConfig, dsn: str, data_dir: Path, index: int, log_level: str
 ) -> None:
-    import trio  # noqa: PLC0415
-
     logging.basicConfig(
         level=log_level,
         format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s",
@@ -254,7 +338,7 @@ def _worker_main(
         # Each worker is a node of its own (it holds its own connections).
         node_id=f"{config.node_id}/{index}" if config.node_id else None,
     )
-    trio.run(serve, worker_config, dsn, data_dir)
+    sys.exit(_serve_process(worker_config, dsn, data_dir))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -352,6 +436,11 @@ async def serve(
     # The dispatch system posts master data to any node; with rules on, a write reloads them
     # before it is answered.
     admin = DatabaseMasterDataAdmin(dsn, after_write=None if rules is None else rules.reload)
+    from tools.access_db import DatabaseOperatorAccess  # noqa: PLC0415
+
+    # Operator accounts (jt808 users / tokens): every operator request but /healthz (and a
+    # public /metrics) needs a bearer token of one.
+    operator_access = DatabaseOperatorAccess(dsn)
     server = Server(
         config,
         sink=sink,
@@ -399,11 +488,23 @@ async def serve(
                 await services.start(
                     supervised("rules", functools.partial(rules.run_after, migrator.ready))
                 )
-            operator_http = server.operator_http()
+            operator_http = server.operator_http(access=operator_access)
             operator_http.masterdata = admin
             operator_http.health = functools.partial(_health, server, migrator, writer, spool)
-            http_ports = await services.start(supervised("http", operator_http.run))
-            ports = await services.start(supervised("server", run_server))
+            http_ports = await _listening(
+                "the operator port",
+                config.http_host,
+                config.http_port,
+                functools.partial(services.start, supervised("http", operator_http.run)),
+            )
+            ports = await _listening(
+                "terminals",
+                config.host,
+                config.port,
+                functools.partial(services.start, supervised("server", run_server)),
+            )
+            if handle_signals:  # before saying "serving": a SIGTERM from then on is graceful
+                await services.start(_stop_on_signal, server, services.cancel_scope)
             logger.info(
                 "node %s serving JT/T 808 on %s port(s) %s, operator HTTP on %s:%s, ack=%s",
                 server.node_id,
@@ -413,8 +514,6 @@ async def serve(
                 config.http_port,
                 config.ack,
             )
-            if handle_signals:
-                services.start_soon(_stop_on_signal, server, services.cancel_scope)
             if task_status is not None:
                 task_status.started(Running(server=server, http_ports=list(http_ports)))
             await stopped.wait()
@@ -428,6 +527,7 @@ async def serve(
         for close in closing:
             close()
         media.close()
+        operator_access.close()
         sessions.close()
         bus.close()
     logger.info("stopped")
@@ -451,11 +551,16 @@ def _health(
     return report
 
 
-async def _stop_on_signal(server: Server, scope: trio.CancelScope) -> None:
-    """First SIGTERM/SIGINT: graceful shutdown.  A second one: stop at once."""
+async def _stop_on_signal(
+    server: Server, scope: trio.CancelScope, *, task_status: Any = None
+) -> None:
+    """First SIGTERM/SIGINT: graceful shutdown.  A second one: stop at once.  Started (with
+    ``nursery.start``) once the handlers are in place."""
     import trio  # noqa: PLC0415
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        if task_status is not None:
+            task_status.started()
         count = 0
         async for signum in signals:
             count += 1

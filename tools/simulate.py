@@ -63,6 +63,7 @@ the server's capture of the same connection would show.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -717,6 +718,8 @@ class Stats:
             setattr(self, name, 0)
         self.latency = LatencyHistogram()
         self.elapsed_s = 0.0
+        # Why connections failed to open ("connection refused": n), for the summary.
+        self.connect_errors: collections.Counter[str] = collections.Counter()
 
     terminals: int
     connected: int  # gauge: connections open now
@@ -760,6 +763,7 @@ class Stats:
         out["elapsed_s"] = round(self.elapsed_s, 3)
         rate = self.positions_acked / self.elapsed_s if self.elapsed_s > 0 else 0.0
         out["positions_acked_per_s"] = round(rate, 1)
+        out["connect_errors"] = dict(self.connect_errors)
         if histogram:
             out["latency_histogram"] = self.latency.to_json()
         return out
@@ -1147,6 +1151,22 @@ async def open_stream(host: str, port: int, source: str | None = None) -> trio.a
     return trio.SocketStream(sock)
 
 
+def connect_failure_reason(exc: OSError) -> str:
+    """Why a connect failed, as people say it ("connection refused"): the error's own text,
+    or that of the first attempt trio.open_tcp_stream made (it raises one OSError for all)."""
+    found: BaseException | None = exc
+    while found is not None:
+        if isinstance(found, OSError) and (found.errno or found.strerror):
+            # (trio's strerror names the address too; the errno's text is the reason alone)
+            text = os.strerror(found.errno) if found.errno else str(found.strerror)
+            return text[:1].lower() + text[1:]
+        if isinstance(found, BaseExceptionGroup) and found.exceptions:
+            found = found.exceptions[0]
+        else:
+            found = found.__cause__
+    return str(exc) or type(exc).__name__
+
+
 def _local_address(stream: trio.abc.Stream) -> str:
     if isinstance(stream, trio.SocketStream):
         name = stream.socket.getsockname()
@@ -1341,14 +1361,17 @@ class SimTerminal:
         failures = 0
         while not self._done(trio.current_time()):
             stream: trio.abc.Stream | None = None
+            reason = "timed out"
             with trio.move_on_after(sim.config.connect_timeout_s):
                 try:
                     source = sim.source_for(self.spec.index)
                     stream = await sim.connect(sim.config.host, sim.config.port, source)
                 except OSError as exc:
                     logger.debug("phone=%s connect failed: %s", self.phone, exc)
+                    reason = connect_failure_reason(exc)
             if stream is None:
                 self.stats.connect_failures += 1
+                self.stats.connect_errors[reason] += 1
                 failures += 1
             else:
                 online = await self._session(stream)
@@ -2080,17 +2103,18 @@ class Simulator:
             self.stop_at = self.t0 + config.duration_s
         hard_stop = self.stop_at + config.drain_s
         count = len(self.terminals)
-        with trio.CancelScope(deadline=hard_stop):
-            async with trio.open_nursery() as nursery:
-                if self.on_progress is not None and config.progress_s is not None:
-                    nursery.start_soon(self._progress_loop, config.progress_s)
-                async with trio.open_nursery() as fleet:
-                    for index, terminal in enumerate(self.terminals):
-                        fleet.start_soon(terminal.run, config.ramp_s * index / count)
-                    task_status.started()
-                nursery.cancel_scope.cancel()
-        now = trio.current_time()
-        self.stats.elapsed_s = now - self.t0
+        try:
+            with trio.CancelScope(deadline=hard_stop):
+                async with trio.open_nursery() as nursery:
+                    if self.on_progress is not None and config.progress_s is not None:
+                        nursery.start_soon(self._progress_loop, config.progress_s)
+                    async with trio.open_nursery() as fleet:
+                        for index, terminal in enumerate(self.terminals):
+                            fleet.start_soon(terminal.run, config.ramp_s * index / count)
+                        task_status.started()
+                    nursery.cancel_scope.cancel()
+        finally:  # also when interrupted (Ctrl-C): the summary tells how long it ran
+            self.stats.elapsed_s = trio.current_time() - self.t0
         self.stats.outstanding = sum(len(t.pending) for t in self.terminals)
         return self.stats
 

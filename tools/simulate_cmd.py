@@ -50,6 +50,12 @@ EXIT_INTERRUPTED = 130
 # Descriptors a process needs besides its connections: standard streams, the trio wake-up
 # pipe and epoll, imported modules, capture files closing, with room to spare.
 FD_RESERVE = 64
+EXAMPLES = """\
+examples:
+  jt808 simulate --terminals 1000 --interval-s 5 --duration-s 60
+  jt808 simulate --scenario fleet.toml --capture captures/ --json
+  jt808 simulate --terminals 10 --alarm power_cut@30+60 --target 127.0.0.1:7000
+"""
 
 
 class UsageError(Exception):
@@ -333,8 +339,8 @@ def summary(stats: Stats, config: SimConfig) -> str:
             f"{config.host}:{config.port}"
         ),
         (
-            f"  connections  {stats.connects} opened, {stats.connect_failures} failed to open, "
-            f"{stats.authentications} authenticated, {stats.gave_up} gave up"
+            f"  connections  {stats.connects} opened, {stats.connect_failures} failed to open"
+            f"{_reasons(stats)}, {stats.authentications} authenticated, {stats.gave_up} gave up"
         ),
         (
             f"  messages     sent {stats.sent}  acked {stats.acked}  rejected {stats.rejected}  "
@@ -357,6 +363,16 @@ def summary(stats: Stats, config: SimConfig) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def _reasons(stats: Stats) -> str:
+    """Why connections failed to open: " (connection refused)", with counts when several."""
+    errors = stats.connect_errors.most_common()
+    if not errors:
+        return ""
+    if len(errors) == 1:
+        return f" ({errors[0][0]})"
+    return " (" + ", ".join(f"{reason}: {n}" for reason, n in errors) + ")"
 
 
 def exit_status(sim: Simulator) -> int:
@@ -386,8 +402,9 @@ def run(
     status: int | None = None
     try:
         trio.run(sim.run)
-    except KeyboardInterrupt:
+    except* KeyboardInterrupt:  # Ctrl-C: trio raises it inside a group from the task tree
         status = EXIT_INTERRUPTED
+        err.write("jt808 simulate: interrupted\n")
     stats = sim.stats
     if status is not None:  # interrupted: count what is still unanswered
         stats.outstanding = sum(len(t.pending) for t in sim.terminals)

@@ -26,6 +26,12 @@ logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXAMPLES = """\
+examples:
+  jt808 terminals show 13800138000
+  jt808 terminals provision 13800138000 13800138001
+  jt808 terminals reset 13800138000 --reason "terminal replaced"
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

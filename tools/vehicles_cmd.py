@@ -21,15 +21,48 @@ import psycopg
 from storage import StorageError, upsert_vehicles, vehicle_rows_from_csv
 from storage.masterdata import vehicle_bindings
 from tools.db_cmd import add_database_arguments
-from tools.masterdata_cmd import connect, run_import
+from tools.masterdata_cmd import add_encoding_argument, connect, run_import
 
 logger = logging.getLogger(__name__)
+
+EXAMPLES = """\
+examples:
+  jt808 vehicles import vehicles.csv
+  jt808 vehicles import 车辆.csv --encoding gbk --dsn postgresql://jt808@db/jt808
+  jt808 vehicles history 云A12345
+"""
+IMPORT_EXAMPLES = """\
+columns (a header line first; matched by plate):
+  plate          the number plate, e.g. 云A12345
+  phone          the terminal's phone number, up to 20 digits; empty: no terminal yet
+  unit           the owning unit
+  category       retained, platform or rental (article 5)
+  exempt         true/false, yes/no or 1/0: exempt vehicles raise no alerts
+  max_speed_kmh  optional: the vehicle's own speed limit
+
+The file may be UTF-8 (with or without BOM) or GBK/GB 18030 as Excel saves it on a Chinese
+Windows; the encoding used is printed with the result.
+
+examples:
+  jt808 vehicles import vehicles.csv
+  jt808 vehicles import 车辆.csv --encoding gbk --dsn postgresql://jt808@db/jt808
+
+  plate,phone,unit,category,exempt,max_speed_kmh
+  云A12345,013800000001,昆明市财政局,retained,false,80
+"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    importing = actions.add_parser("import", help="load vehicles (CSV) from FILE")
+    importing = actions.add_parser(
+        "import",
+        help="load vehicles (CSV) from FILE",
+        description="Load vehicles from a CSV file, all or nothing: every problem is listed "
+        "by line.",
+        epilog=IMPORT_EXAMPLES,
+    )
     importing.add_argument("file", type=Path, metavar="FILE")
+    add_encoding_argument(importing)
     add_database_arguments(importing)
     importing.set_defaults(run=run)
     history = actions.add_parser(

@@ -37,6 +37,22 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def hex_msg_ids(value: Any) -> Any:
+    """A message's JSON (:meth:`Message.to_json`) for people: every message id field
+    (``reply_msg_id``, ...) as ``"0x8001"``, as the header's ``msg_id`` is shown, not as a
+    decimal number.  Other values are unchanged."""
+    if isinstance(value, Mapping):
+        return {
+            key: f"0x{item:04x}"
+            if str(key).endswith("msg_id") and isinstance(item, int) and not isinstance(item, bool)
+            else hex_msg_ids(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [hex_msg_ids(item) for item in value]
+    return value
+
+
 def _plain(value: Any, nested: type[Record] | None) -> Any:
     if nested is not None:
         if isinstance(value, ListContainer | list):

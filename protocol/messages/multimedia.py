@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from construct import (
     Adapter,
@@ -123,6 +123,7 @@ class MultimediaEvent(Message):
 
 
 _MEDIA_HEADER_SIZE = 8  # media id DWORD + type, format, event, channel BYTEs
+_MEDIA_ID_SIZE = 4  # the media id DWORD alone
 
 
 @register
@@ -182,6 +183,16 @@ class MultimediaUploadResponse(Message):
     )
     media_id: int
     retransmit_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def decode(cls, body: bytes, edition: Edition) -> Self:
+        # 8.52: when every package arrived the count and the list may be left out ("无该字段则
+        # 表示已收到全部数据包"), and platforms in the field send the media id alone.  That is
+        # an empty retransmit list; it re-encodes canonically, with a count of 0.
+        if len(body) == _MEDIA_ID_SIZE:
+            body += b"\x00"
+        # (not the zero-argument super(): slots=True makes a new class, its cell the old one)
+        return super(MultimediaUploadResponse, cls).decode(body, edition)
 
 
 # 0x8801 shooting command word: 0 stops, 0xFFFF records video, anything else is a photo count.
