@@ -5,9 +5,10 @@ below, with the values it read; nothing here does I/O.
 
 Roles, each allowed what the one before it is:
 
-* ``viewer`` reads: terminals, vehicles, fences, filings, the alert stream (and ``/metrics``
-  when it is not public);
-* ``dispatcher`` also files and edits trip filings and sends commands to terminals;
+* ``viewer`` reads: terminals, vehicles, fences, filings, alerts and their streams, positions,
+  tracks, reports (and ``/metrics`` when it is not public);
+* ``dispatcher`` also files and edits trip filings, sends commands to terminals, and writes
+  notes on alerts (acknowledging them);
 * ``admin`` also edits vehicles (with their exempt flag) and fences, and reads the audit trail.
   Accounts and tokens are managed with the ``jt808`` command on the database host.
 
@@ -36,6 +37,19 @@ COMMANDS = "/terminals/{phone}/commands"
 _COMMANDS_PATH = re.compile(r"/terminals/[^/]+/commands")
 FILING = "/filings/{id}"
 _FILING_PATH = re.compile(r"/filings/[0-9]+")
+# The console's routes (ingest.console_api); an alert id is the engine's episode id, which may
+# hold any character but "/" once percent-decoded.
+TRACK = "/vehicles/{id}/track"
+BINDINGS = "/vehicles/{id}/bindings"
+ALERT = "/alerts/{id}"
+ALERT_NOTES = "/alerts/{id}/notes"
+CONSOLE = "/console/{path}"
+_TEMPLATES = (
+    (re.compile(r"/vehicles/[0-9]+/track"), TRACK),
+    (re.compile(r"/vehicles/[0-9]+/bindings"), BINDINGS),
+    (re.compile(r"/alerts/[^/]+/notes"), ALERT_NOTES),
+    (re.compile(r"/console/.*"), CONSOLE),
+)
 
 # (method, route) -> the weakest role allowed.  HEAD is GET.  A route or method missing here
 # is left to the port to answer (404, 405) once the caller is authenticated.
@@ -47,14 +61,31 @@ ROUTE_ROLES: Mapping[tuple[str, str], str] = {
     ("GET", "/filings"): VIEWER,
     ("GET", FILING): VIEWER,
     ("GET", "/alerts/stream"): VIEWER,
+    ("GET", "/session"): VIEWER,
+    ("GET", "/positions/latest"): VIEWER,
+    ("GET", "/positions/stream"): VIEWER,
+    ("GET", TRACK): VIEWER,
+    ("GET", BINDINGS): VIEWER,
+    ("GET", "/alerts"): VIEWER,
+    ("GET", ALERT): VIEWER,
+    ("GET", "/reports/violations"): VIEWER,
     ("POST", "/filings"): DISPATCHER,
     ("POST", COMMANDS): DISPATCHER,
+    ("POST", ALERT_NOTES): DISPATCHER,
     ("POST", "/vehicles"): ADMIN,
     ("POST", "/fences"): ADMIN,
     ("GET", "/audit"): ADMIN,
 }
-# Answered without a token.  /metrics is added when the configuration makes it public.
-PUBLIC_ROUTES = frozenset({"/healthz"})
+# Answered without a token.  /metrics is added when the configuration makes it public.  The
+# console's page holds no data (it asks the API for it), and logging in and out need none.
+PUBLIC_ROUTES = frozenset({"/healthz", "/", "/console", CONSOLE})
+PUBLIC_METHOD_ROUTES = frozenset({("POST", "/session"), ("DELETE", "/session")})
+# The console's session: the cookie carrying the token (ingest.console_api sets it), and the
+# header a write authenticated by it must carry.  A cross-site form cannot set a header, and a
+# cross-site script may only with a CORS preflight this port never answers: with SameSite on
+# the cookie, two defences against request forgery.
+SESSION_COOKIE = "jt808_session"
+CONSOLE_HEADER = b"x-jt808-console"
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,14 +129,25 @@ class AuditEntry:
 
 
 def route_of(path: str) -> str:
-    """The route a request path belongs to (a command's path names its template)."""
+    """The route a request path belongs to (a path with an id names its template)."""
     if _COMMANDS_PATH.fullmatch(path):
         return COMMANDS
-    return FILING if _FILING_PATH.fullmatch(path) else path
+    if _FILING_PATH.fullmatch(path):
+        return FILING
+    for pattern, template in _TEMPLATES:
+        if pattern.fullmatch(path):
+            return template
+    if path.startswith("/alerts/") and path != "/alerts/stream" and "/" not in path[8:]:
+        return ALERT
+    return path
 
 
-def is_public(route: str, *, metrics_public: bool) -> bool:
-    return route in PUBLIC_ROUTES or (metrics_public and route == "/metrics")
+def is_public(route: str, *, metrics_public: bool, method: str = "GET") -> bool:
+    return (
+        route in PUBLIC_ROUTES
+        or ("GET" if method == "HEAD" else method, route) in PUBLIC_METHOD_ROUTES
+        or (metrics_public and route == "/metrics")
+    )
 
 
 def required_role(method: str, route: str) -> str | None:
@@ -129,6 +171,28 @@ def bearer_token(header: bytes | None) -> str | None:
     if scheme.lower() != "bearer" or not token:
         return None
     return token
+
+
+def session_token(header: bytes | None) -> str | None:
+    """The token of the console's session cookie in a ``Cookie`` header (None: absent)."""
+    if header is None:
+        return None
+    for part in header.decode("latin-1").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == SESSION_COOKIE and value.strip():
+            return value.strip()
+    return None
+
+
+def forgery_problem(method: str, *, by_cookie: bool, console_header: bytes | None) -> str | None:
+    """Why a request authenticated by the session cookie may be a cross-site forgery (None:
+    it is not): a state-changing one must carry ``X-JT808-Console: 1``, which a page of
+    another site cannot send.  A bearer token is never sent by a browser on its own."""
+    if not by_cookie or method in ("GET", "HEAD"):
+        return None
+    if console_header is not None and console_header.strip() == b"1":
+        return None
+    return f"a {method} with the session cookie needs the header X-JT808-Console: 1"
 
 
 # ---------------------------------------------------------------------------------------------

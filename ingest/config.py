@@ -110,6 +110,15 @@ class ServerConfig:
     http_login_failures_per_address: int = 20
     http_login_failure_window_s: float = 300.0
     http_login_lockout_s: float = 300.0
+    # The operator console's map: a tile URL template ({z}/{x}/{y}: the province's own tile
+    # server, Tianditu, OpenStreetMap) and its attribution; None draws vehicles and fences on a
+    # plain background (a control room without Internet access).
+    console_tile_url: str | None = None
+    console_tile_attribution: str | None = None
+    # A vehicle is shown offline once its latest position was received this long ago: ten
+    # times the usual 60 s reporting interval of a parked vehicle (JT/T 808-2019 table 20,
+    # parameter 0x0027), so a few lost reports do not flip it.
+    console_offline_after_s: float = 600.0
 
     # -- timeouts
     # JT/T 808-2019 table 20, parameter 0x0001; 60 s is the usual factory setting.
@@ -266,6 +275,7 @@ def _validate(config: ServerConfig) -> list[str]:
         "auth_lockout_s",
         "http_login_failure_window_s",
         "http_login_lockout_s",
+        "console_offline_after_s",
     ):
         value = getattr(config, name)
         if not (value > 0 and math.isfinite(value)):

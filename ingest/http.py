@@ -46,12 +46,17 @@ operators' curl need.
   ``{"error": "invalid", "detail", "problems": [...]}`` listing every problem, and nothing is
   stored.  The object formats are :class:`~ingest.interfaces.MasterDataAdmin`'s.
 
+* The operator console (when the node serves one: :mod:`ingest.console_api`): its page under
+  ``/console/``, ``/session``, ``/positions/*``, ``/vehicles/{id}/track|bindings``,
+  ``/alerts``, ``/alerts/{id}[/notes]`` and ``/reports/violations``.
+
 Operator access
     Every request but ``/healthz`` (and ``/metrics`` while ``metrics_public``) needs
-    ``Authorization: Bearer <token>`` of an account (:class:`~ingest.interfaces.OperatorAccess`;
-    without one the port lets nobody in): none, or an unknown, expired or revoked token, is 401
-    with ``WWW-Authenticate: Bearer``; a request the account's role or unit does not allow is
-    403 ``{"error": "forbidden", ...}`` and stores nothing (:mod:`ingest.access` decides).  An
+    ``Authorization: Bearer <token>`` (or the console's session cookie) of an account
+    (:class:`~ingest.interfaces.OperatorAccess`; without one the port lets nobody in): none,
+    or an unknown, expired or revoked token, is 401 with ``WWW-Authenticate: Bearer``; a
+    request the account's role or unit does not allow is 403 ``{"error": "forbidden", ...}``
+    and stores nothing (:mod:`ingest.access` decides).  An
     address that sent ``login_lockout.failures`` wrong tokens within its window is answered 429
     without any check for the lock-out's time.  Writes name their account and address to the
     audit trail; ``GET /audit?since=ISO&user=NAME&limit=N`` (admins) reads it.
@@ -102,7 +107,7 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import h11
@@ -138,6 +143,9 @@ from ingest.limits import (
 )
 from ingest.lockout import AuthLockout, LockoutPolicy
 from ingest.metrics import Metrics
+
+if TYPE_CHECKING:
+    from ingest.console_api import ConsoleApi
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +280,7 @@ class OperatorHttp:
         access: OperatorAccess | None = None,
         metrics_public: bool = True,
         login_lockout: LockoutPolicy = LOGIN_LOCKOUT,
+        console: ConsoleApi | None = None,
     ) -> None:
         if not heartbeat_s > 0:
             raise ValueError(f"heartbeat_s must be positive, got {heartbeat_s}")
@@ -290,6 +299,8 @@ class OperatorHttp:
         self.tls = tls
         self.access = access
         self.metrics_public = metrics_public
+        # The operator console's page, session and data (ingest.console_api), if served.
+        self.console = console
         # Failed logins per client address (the per-phone scope of the lock-out is unused).
         self._logins = AuthLockout(
             per_phone=LockoutPolicy(failures=0, window_s=1.0, lockout_s=1.0),
@@ -321,6 +332,8 @@ class OperatorHttp:
         scheme = "HTTP" if self.tls is None else "HTTPS"
         logger.info("operator %s on %s port(s) %s", scheme, self.host, ports)
         async with trio.open_nursery() as nursery:
+            if self.console is not None:  # its positions hub serves while the port does
+                await nursery.start(self.console.run)
             task_status.started(ports)
             await trio.serve_listeners(self._serve, listeners, handler_nursery=nursery)
 
@@ -438,6 +451,8 @@ class OperatorHttp:
             "stream": self._stream_slots,
             "masterdata": self._masterdata_slots,
             "audit": self._masterdata_slots,  # a database read like master data's
+            "positions": self._stream_slots,  # the console's position stream
+            "console": self.console.slots if self.console is not None else self._command_slots,
         }[kind]
         slot = object()
         try:
@@ -473,7 +488,7 @@ class OperatorHttp:
             return "masterdata"
         if self.access is not None and method in (b"GET", b"HEAD") and path == _AUDIT_PATH:
             return "audit"
-        return None
+        return None if self.console is None else self.console.kind(method, path)
 
     # -- access
 
@@ -483,30 +498,18 @@ class OperatorHttp:
         not even checked) or 503 (the accounts cannot be read now)."""
         method = request.method.decode("ascii", "replace")
         route = access.route_of(_path(request).decode("utf-8", "replace"))
-        if access.is_public(route, metrics_public=self.metrics_public):
+        if access.is_public(route, metrics_public=self.metrics_public, method=method):
             return True
-        now = trio.current_time()
-        if self._logins.locked(phone="", address=exchange.address, now=now):
-            if self.metrics is not None:
-                self.metrics.http_login_refused.inc()
-            detail = "too many requests with a wrong token from this address; try again later"
-            await self._deny(exchange, _error(429, "too_many_failures", detail), deadline)
-            return False
+        # A bearer token, else the console's session cookie (which a write must back with the
+        # console's header: access.forgery_problem).
         token = access.bearer_token(_header(request, b"authorization"))
-        principal = None
-        if token is not None and self.access is not None:
-            try:
-                principal = await self.access.authenticate(token)
-            except ServiceUnavailableError as exc:
-                await self._deny(exchange, _error(503, "unavailable", str(exc)), deadline)
-                return False
-        if principal is None:
-            if self.metrics is not None:
-                reason = "missing" if token is None else "invalid"
-                self.metrics.http_login_failures.labels(reason).inc()
-            if token is not None:
-                self._logins.failure(phone=None, address=exchange.address, now=now)
-            await self._deny(exchange, _UNAUTHORISED if token is None else _BAD_TOKEN, deadline)
+        by_cookie = False
+        if token is None:
+            token = access.session_token(_header(request, b"cookie"))
+            by_cookie = token is not None
+        principal = await self.login(exchange, token)
+        if isinstance(principal, _Answer):
+            await self._deny(exchange, principal, deadline)
             return False
         exchange.principal = principal
         if not access.allowed(principal, method, route):
@@ -516,7 +519,38 @@ class OperatorHttp:
             )
             await self._deny(exchange, _error(403, "forbidden", detail), deadline)
             return False
+        forgery = access.forgery_problem(
+            method, by_cookie=by_cookie, console_header=_header(request, access.CONSOLE_HEADER)
+        )
+        if forgery is not None:
+            await self._deny(exchange, _error(403, "forbidden", forgery), deadline)
+            return False
         return True
+
+    async def login(self, exchange: _Exchange, token: str | None) -> Principal | _Answer:
+        """The account of ``token`` (None: no token given), or the answer refusing it: 429 for
+        an address that failed too often (not even checked), 401 (a wrong token counts as a
+        failed login of the address), 503 when the accounts cannot be read now."""
+        now = trio.current_time()
+        if self._logins.locked(phone="", address=exchange.address, now=now):
+            if self.metrics is not None:
+                self.metrics.http_login_refused.inc()
+            detail = "too many requests with a wrong token from this address; try again later"
+            return _error(429, "too_many_failures", detail)
+        principal = None
+        if token is not None and self.access is not None:
+            try:
+                principal = await self.access.authenticate(token)
+            except ServiceUnavailableError as exc:
+                return _error(503, "unavailable", str(exc))
+        if principal is None:
+            if self.metrics is not None:
+                reason = "missing" if token is None else "invalid"
+                self.metrics.http_login_failures.labels(reason).inc()
+            if token is not None:
+                self._logins.failure(phone=None, address=exchange.address, now=now)
+            return _UNAUTHORISED if token is None else _BAD_TOKEN
+        return principal
 
     async def _deny(self, exchange: _Exchange, answer: _Answer, deadline: float) -> None:
         """Answer a refused request, after reading a short body it sent (so that closing the
@@ -608,6 +642,9 @@ class OperatorHttp:
     def _short(self, request: h11.Request) -> _Answer:
         """The answer to a request that needs no slot (see :meth:`_kind`)."""
         method, path = request.method, _path(request)
+        page = None if self.console is None else self.console.static(request)
+        if page is not None:
+            return page
         if _COMMANDS_PATH.fullmatch(path):
             return _NOT_FOUND if self.command is None else _not_allowed("POST")
         if path in _MASTERDATA_PATHS:
@@ -644,18 +681,26 @@ class OperatorHttp:
     # -- long-running requests
 
     async def _long(self, exchange: _Exchange, request: h11.Request, kind: str) -> None:
-        if kind == "stream":
-            assert self.alerts is not None
+        if kind in ("stream", "positions"):
             owner = self.stream_owner(exchange)
             cap = self.limits.max_streams_per_user
             if not self._stream_owners.try_add(owner, cap):
-                detail = f"{cap} alert streams are open for {owner} on this port"
+                detail = f"{cap} streams are open for {owner} on this port"
                 await self._reply(exchange, _error(429, "too_many_streams", detail))
                 return
             try:
-                await self._alert_stream(exchange, request, self.alerts)
+                if kind == "positions":
+                    assert self.console is not None
+                    await self.console.serve(self, exchange, request, kind)
+                else:
+                    assert self.alerts is not None
+                    await self._alert_stream(exchange, request, self.alerts)
             finally:
                 self._stream_owners.remove(owner)
+            return
+        if kind == "console":
+            assert self.console is not None
+            await self.console.serve(self, exchange, request, kind)
             return
         path = _path(request)
         limits = self.limits

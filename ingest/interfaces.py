@@ -1033,3 +1033,85 @@ class InMemoryOperatorAccess:
             if (user is None or e.actor.name == user) and (unit is None or e.unit == unit)
         ]
         return rows[:limit]
+
+
+# ---------------------------------------------------------------------------------------------
+# The operator console
+
+
+class ConsoleData(Protocol):
+    """What the operator console reads (:mod:`ingest.console_api`), as JSON values: times are
+    ISO 8601 strings in China time (+08:00).  Any method raises
+    :class:`ServiceUnavailableError` when its store cannot answer now.
+
+    A position entry is ``{"vehicle_id", "plate", "unit", "category", "phone", "device_time",
+    "received_at", "lat", "lon", "speed_kmh", "direction"}``; an alert is the record the alert
+    stream carries.
+    """
+
+    @property
+    def vocabulary(self) -> AlertVocabulary:
+        """The rule and state values alerts carry (a list filtering on another is 400)."""
+        ...
+
+    async def latest_positions(self, received_since: datetime | None) -> list[dict[str, Any]]:
+        """The latest position (by device time) of every vehicle that has one; with
+        ``received_since``, only of the vehicles with positions received at or after it, each
+        the latest of those."""
+        ...
+
+    async def alerting_vehicles(self) -> set[int]:
+        """The ids of the vehicles with an alert in state open or pending_backfill."""
+        ...
+
+    async def vehicle(self, vehicle_id: int) -> dict[str, Any] | None:
+        """``{"id", "plate", "phone", "unit", "category", "exempt", "max_speed_kmh"}``."""
+        ...
+
+    async def bindings(self, vehicle_id: int) -> list[dict[str, Any]] | None:
+        """The terminals fitted to the vehicle, oldest first: ``{"phone", "from", "to"}`` (None
+        bounds: open); None when there is no such vehicle."""
+        ...
+
+    async def track(
+        self, vehicle_id: int, start: datetime, end: datetime, max_points: int
+    ) -> dict[str, Any]:
+        """``{"positions": [{"device_time", "lat", "lon", "speed_kmh", "direction"}], "thinned",
+        "trips": [{"started_at", "ended_at", "distance_km", "filing_id"}], "alerts"}``: the
+        positions with device time in [start, end), evenly thinned to ``max_points``."""
+        ...
+
+    async def alerts(
+        self,
+        *,
+        since: datetime | None,
+        until: datetime | None,
+        filters: AlertFilter,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        """Alerts opened in [since, until), newest first, at most ``limit``, each with
+        ``"acknowledged"`` and ``"notes"`` (how many)."""
+        ...
+
+    async def alert(self, alert_id: str) -> dict[str, Any] | None:
+        """The alert with ``"events"`` (``{"seq", "at", "alert"}``) and ``"notes"`` (``{"at",
+        "user", "text", "acknowledged"}``), or None."""
+        ...
+
+    async def add_note(
+        self, alert_id: str, *, text: str, acknowledge: bool, actor: Actor
+    ) -> dict[str, Any] | None:
+        """Append a note to the alert and its row to the audit trail (``alert.note`` or
+        ``alert.acknowledge``), together; the note, or None when there is no such alert."""
+        ...
+
+    async def violations(self, period: str, unit: str | None) -> dict[str, Any]:
+        """The violation report of the China-time month ``period`` (``YYYY-MM``):
+        ``{"period", "violations": [{"unit", "rule", "violations", "vehicles"}],
+        "backfilling": [{"unit", "in_time", "late", "claimed_earlier"}]}``; ValueError for a
+        bad period."""
+        ...
+
+    async def violations_csv(self, period: str, unit: str | None) -> str:
+        """The same report as the CSV of ``jt808 report violations --csv``."""
+        ...

@@ -240,13 +240,14 @@ def audit_rows(
 ) -> list[dict[str, Any]]:
     """Audit rows at or after ``since``, of ``user`` and about ``unit`` (None: any), oldest
     first, at most ``limit`` (capped at :data:`MAX_AUDIT_ROWS`): ``id, at, actor, source,
-    action, object_kind, object_key, unit, before, after``."""
+    action, object_kind, object_key, unit, before, after, reason`` (why, when the writer
+    gave a reason: an exempt change through the operator port)."""
     if since is not None and since.tzinfo is None:
         raise ValueError("since must be timezone-aware")
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(
-            "SELECT id, at, actor, source, action, object_kind, object_key, unit, before, after "
-            "FROM audit_log WHERE (%(since)s::timestamptz IS NULL OR at >= %(since)s) "
+            "SELECT id, at, actor, source, action, object_kind, object_key, unit, before, after, "
+            "reason FROM audit_log WHERE (%(since)s::timestamptz IS NULL OR at >= %(since)s) "
             "AND (%(user)s::text IS NULL OR actor = %(user)s) "
             "AND (%(unit)s::text IS NULL OR unit = %(unit)s) ORDER BY id LIMIT %(limit)s",
             {"since": since, "user": user, "unit": unit, "limit": min(limit, MAX_AUDIT_ROWS)},

@@ -357,8 +357,17 @@ def connect(
 # Writing
 
 
-def upsert_vehicles(conn: psycopg.Connection[Any], rows: Sequence[Mapping[str, Any]]) -> int:
+def upsert_vehicles(
+    conn: psycopg.Connection[Any],
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    exempt_needs_reason: bool = False,
+) -> int:
     """Insert or update vehicles by plate in one transaction; returns the number of rows.
+
+    A row's ``reason`` (optional) goes to its audit row.  With ``exempt_needs_reason`` (the
+    operator port) a row that changes a vehicle's exempt flag, or adds a vehicle exempt, must
+    carry one: the flag silences every rule for the vehicle (article 7).
 
     A phone already fitted to another plate is a problem (one terminal, one vehicle).  A
     changed phone changes the terminal bindings (storage.schema, migration 11: a trigger): the
@@ -367,6 +376,7 @@ def upsert_vehicles(conn: psycopg.Connection[Any], rows: Sequence[Mapping[str, A
     transaction commits, stored positions are given the vehicle of their device time.
     """
     problems: list[str] = []
+    reason = ""  # as jt808.reason is set now (unset reads as empty)
     with conn.transaction():
         for row in rows:
             clash = conn.execute(
@@ -378,6 +388,19 @@ def upsert_vehicles(conn: psycopg.Connection[Any], rows: Sequence[Mapping[str, A
                     f"vehicle {row['plate']}: phone {row['phone']} is fitted to {clash[0]}"
                 )
                 continue
+            if exempt_needs_reason and not row.get("reason"):
+                stored = conn.execute(
+                    "SELECT exempt FROM vehicles WHERE plate = %s FOR UPDATE", (row["plate"],)
+                ).fetchone()
+                if (False if stored is None else bool(stored[0])) != bool(row["exempt"]):
+                    problems.append(
+                        f"vehicle {row['plate']}: changing exempt needs a reason "
+                        '(add "reason": "..." to the item)'
+                    )
+                    continue
+            if (row.get("reason") or "") != reason:  # transaction-local: this row's audit row
+                reason = row.get("reason") or ""
+                conn.execute("SELECT set_config('jt808.reason', %s, true)", (reason,))
             conn.execute(
                 "INSERT INTO vehicles (plate, phone, unit, category, exempt, max_speed_kmh) "
                 "VALUES (%(plate)s, %(phone)s, %(unit)s, %(category)s, %(exempt)s, "
@@ -757,7 +780,10 @@ def vehicle_rows_from_json(items: object) -> list[dict[str, Any]]:
     phones: dict[str, int] = {}
     for i, item in enumerate(_json_items(items, "vehicle")):
         try:
-            vehicle = _vehicle(_text_fields(item, VEHICLE_COLUMNS, _VEHICLE_REQUIRED))
+            fields, reason = _reason_of(item)
+            vehicle = _vehicle(_text_fields(fields, VEHICLE_COLUMNS, _VEHICLE_REQUIRED))
+            if reason is not None:
+                vehicle["reason"] = reason
             if vehicle["plate"] in plates:
                 raise _RowError(f"plate already in vehicle {plates[vehicle['plate']]}")  # noqa: TRY301
             phone = vehicle["phone"]
@@ -775,15 +801,40 @@ def vehicle_rows_from_json(items: object) -> list[dict[str, Any]]:
     return out
 
 
+# The longest reason for a change the audit trail keeps: a sentence or two, an order number.
+MAX_REASON_CHARS = 500
+
+
+def _reason_of(item: object) -> tuple[object, str | None]:
+    """The item without its optional ``reason`` (why the change is made, for the audit
+    trail), and the reason; _RowError for one that is not text of 1 to
+    :data:`MAX_REASON_CHARS` characters."""
+    if not isinstance(item, Mapping) or "reason" not in item:
+        return item, None
+    reason = item["reason"]
+    if reason is None:
+        return {k: v for k, v in item.items() if k != "reason"}, None
+    if not isinstance(reason, str) or not 1 <= len(reason.strip()) <= MAX_REASON_CHARS:
+        raise _RowError(f"reason must be text of 1 to {MAX_REASON_CHARS} characters")
+    return {k: v for k, v in item.items() if k != "reason"}, reason.strip()
+
+
 # A JSON filing may leave out its destination (null: no particular area).
 _FILING_REQUIRED_JSON = tuple(c for c in _FILING_REQUIRED if c != "destination")
 
 
-def filing_rows_from_json(items: object, *, now: datetime) -> list[dict[str, Any]]:
+def filing_rows_from_json(
+    items: object,
+    *,
+    now: datetime,
+    plates: Collection[str] | None = None,
+    fences: Collection[str] | None = None,
+) -> list[dict[str, Any]]:
     """Filing rows from decoded JSON: one object or a list with the keys of the CSV columns
     (``plate, start, end, destination, purpose, passengers, approver``, optional ``filed_at``
-    (default ``now``) and ``state`` (default approved)); ``destination`` is a fence name or
-    null.  Problems are collected as for :func:`vehicle_rows_from_json` (``filing 0``)."""
+    (default ``now``), ``state`` (default approved) and ``id``); ``destination`` is a fence
+    name or null.  Problems are collected as for :func:`vehicle_rows_from_json` (``filing 0``);
+    given the known ``plates`` and (active) ``fences``, unknown ones are among them."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     problems: list[str] = []
@@ -793,6 +844,14 @@ def filing_rows_from_json(items: object, *, now: datetime) -> list[dict[str, Any
             fields = _text_fields(item, FILING_COLUMNS, _FILING_REQUIRED_JSON)
         except _RowError as exc:
             problems.append(f"filing {i}: {'; '.join([str(exc), *_value_problems(item, now)])}")
+            continue
+        before = len(problems)
+        if plates is not None and fields["plate"] and fields["plate"] not in plates:
+            problems.append(f"filing {i}: unknown vehicle plate {fields['plate']!r}")
+        destination = fields["destination"]
+        if fences is not None and destination and destination not in fences:
+            problems.append(f"filing {i}: unknown fence {destination!r} as destination")
+        if len(problems) > before:
             continue
         try:
             out.append(_filing(fields, now))

@@ -8,10 +8,12 @@ open episodes do not).
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import re
+from collections.abc import Sequence
 from datetime import date, datetime
-from typing import Any
+from typing import Any, TextIO
 
 import psycopg
 
@@ -19,11 +21,14 @@ from storage.errors import StorageError
 from storage.schema import CHINA
 
 __all__ = [
+    "BACKFILL_FIGURES",
+    "CSV_COLUMNS",
     "BackfillCount",
     "ViolationCount",
     "backfilling_by_unit",
     "month_bounds",
     "violations_by_unit_rule",
+    "write_csv",
 ]
 
 _PERIOD_RE = re.compile(r"^(\d{4})-(\d{2})$")
@@ -110,3 +115,27 @@ def backfilling_by_unit(
         BackfillCount(unit=u, in_time=int(a), late=int(b), claimed_earlier=int(c))
         for u, a, b, c in rows
     ]
+
+
+# The CSV of the report (``jt808 report violations --csv`` and the operator port's
+# ``/reports/violations?format=csv``): one row per unit and rule, then the back-filing figures,
+# one row per unit and figure, in the "rule" column.
+CSV_COLUMNS = ("period", "unit", "rule", "violations", "vehicles")
+BACKFILL_FIGURES = ("backfilled_in_time", "backfilled_late", "claimed_earlier_than_receipt")
+
+
+def write_csv(
+    period: str,
+    counts: Sequence[ViolationCount],
+    out: TextIO,
+    backfilling: Sequence[BackfillCount] = (),
+) -> None:
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for c in counts:
+        writer.writerow((period, c.unit, c.rule, c.violations, c.vehicles))
+    for b in backfilling:
+        for figure, value in zip(
+            BACKFILL_FIGURES, (b.in_time, b.late, b.claimed_earlier), strict=True
+        ):
+            writer.writerow((period, b.unit, figure, value, ""))

@@ -1457,3 +1457,70 @@ MIGRATIONS = (
     *MIGRATIONS,
     Migration(13, "filings the platform stamps, and their versions", _FILING_RECEIPTS),
 )
+
+# ---------------------------------------------------------------------------------------------
+# Migration 14: the operator console's notes on alerts, and the reason for an exempt change.
+#
+# ``alert_notes``: an operator's comments on an alert, each optionally acknowledging it,
+# append-only like the audit trail (its time is the database's).  No foreign key to alerts:
+# the notes are the operators' record, and the engine's table of alerts must not depend on
+# them.  ``audit_log.reason``: why a change was made, given by the writer
+# with the transaction-local setting ``jt808.reason`` (the operator port asks for one when a
+# vehicle's exempt flag changes); the master-data trigger records it.
+
+_CONSOLE = """
+CREATE TABLE alert_notes (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    alert_id text COLLATE "C" NOT NULL,
+    at timestamptz NOT NULL DEFAULT now(),
+    actor text NOT NULL,
+    source text NOT NULL,
+    text text NOT NULL CHECK (length(text) BETWEEN 1 AND 2000),
+    acknowledged boolean NOT NULL DEFAULT false
+);
+CREATE INDEX alert_notes_alert ON alert_notes (alert_id, id);
+CREATE TRIGGER alert_notes_stamp BEFORE INSERT ON alert_notes
+    FOR EACH ROW EXECUTE FUNCTION jt808_audit_stamp();
+CREATE TRIGGER alert_notes_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON alert_notes
+    FOR EACH STATEMENT EXECUTE FUNCTION jt808_filing_versions_frozen();
+
+ALTER TABLE audit_log ADD COLUMN reason text;
+
+CREATE OR REPLACE FUNCTION jt808_audit_masterdata() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
+DECLARE
+    old_row jsonb := CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END;
+    new_row jsonb := CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END;
+    v_row jsonb := coalesce(new_row, old_row);
+    v_kind text := CASE TG_TABLE_NAME WHEN 'vehicles' THEN 'vehicle' WHEN 'fences' THEN 'fence'
+                 ELSE 'filing' END;
+    v_action text := v_kind || '.' || lower(TG_OP);
+    v_key text;
+    v_unit text;
+BEGIN
+    IF TG_OP = 'UPDATE' AND (old_row - 'updated_at') = (new_row - 'updated_at') THEN
+        RETURN NULL;                             -- rewritten unchanged
+    END IF;
+    IF v_kind = 'vehicle' THEN
+        v_key := v_row->>'plate';
+        v_unit := v_row->>'unit';
+        IF TG_OP = 'UPDATE' AND old_row->'exempt' IS DISTINCT FROM new_row->'exempt' THEN
+            v_action := 'vehicle.exempt';
+        END IF;
+    ELSIF v_kind = 'fence' THEN
+        v_key := v_row->>'name';
+        v_unit := v_row->>'unit';
+    ELSE
+        v_key := v_row->>'id';
+        SELECT v.unit INTO v_unit FROM vehicles v WHERE v.id = (v_row->>'vehicle_id')::bigint;
+    END IF;
+    INSERT INTO audit_log (actor, source, action, object_kind, object_key, unit, before, after,
+                           reason)
+    VALUES (jt808_audit_actor(), jt808_audit_source(), v_action, v_kind, v_key, v_unit,
+            old_row, new_row, nullif(current_setting('jt808.reason', true), ''));
+    RETURN NULL;
+END
+$$;
+"""
+
+MIGRATIONS = (*MIGRATIONS, Migration(14, "alert notes; the reason of an audited change", _CONSOLE))

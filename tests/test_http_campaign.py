@@ -360,6 +360,7 @@ def vehicle(request: int, i: int, text: str, *, phone: bool) -> dict[str, Any]:
         "category": CATEGORIES[(request + i) % len(CATEGORIES)].upper(),
         "exempt": bool(i % 2),
         "max_speed_kmh": None if i % 3 else 80.5,
+        "reason": "campaign",  # an exempt change needs one
     }
 
 

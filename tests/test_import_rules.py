@@ -50,6 +50,7 @@ WIRING = {
     "tools/terminal_registry.py",
     "tools/terminals_cmd.py",
     "tools/access_db.py",
+    "tools/console_db.py",
     "tools/users_cmd.py",
     "tools/tokens_cmd.py",
     "tools/audit_cmd.py",

@@ -385,6 +385,26 @@ async def test_a_backfiling_posted_late_with_an_earlier_claimed_time_stays_a_vio
 
 
 @pytest.mark.db
+async def test_a_filings_body_gets_every_problem_in_one_answer(db: str) -> None:
+    with trio.fail_after(30):
+        async with db_node(db) as (_rules, _port, http_port):
+            bad = [
+                {**FILING, "end": "2026-10-03T08:00:00+08:00"},  # a format problem
+                {**FILING, "plate": "云A99999"},  # unknown to the database
+                {**FILING, "destination": "nowhere"},
+            ]
+            status, answer = await call(http_port, "POST", "/filings", bad)
+    assert status == 400
+    problems = answer["problems"]
+    assert len(problems) == 3
+    assert problems[0].startswith("filing 0: end 2026-10-03T08:00:00+08:00 is not after start")
+    assert problems[1:] == [
+        "filing 1: unknown vehicle plate '云A99999'",
+        "filing 2: unknown fence 'nowhere' as destination",
+    ]
+
+
+@pytest.mark.db
 async def test_a_backfiling_posted_in_time_resolves_the_pending_alert_without_a_restart(
     db: str,
 ) -> None:
@@ -430,6 +450,7 @@ async def test_vehicles_and_fences_through_the_database(db: str) -> None:
     with trio.fail_after(30):
         async with operator_port(admin) as port:
             second = {**VEHICLE, "plate": "云A00002", "phone": "13800000002", "exempt": True}
+            second["reason"] = "escort duty"  # a vehicle added exempt says why
             status, answer = await call(port, "POST", "/vehicles", [VEHICLE, second])
             assert status == 201
             status, vehicles = await call(port, "GET", "/vehicles")

@@ -340,7 +340,7 @@ async def test_setting_a_vehicle_exempt_is_audited_with_who_when_before_after(
         http = operator(admin=DatabaseMasterDataAdmin(db), gate=gate)
         async with port_of(http) as port:
             assert (await call(port, "POST", "/vehicles", [NORTH_CAR]))[0] == 201
-            exempt = [{**NORTH_CAR, "exempt": True}]
+            exempt = [{**NORTH_CAR, "exempt": True, "reason": "escort duty"}]
             assert (await call(port, "POST", "/vehicles", exempt))[0] == 201
             assert (await call(port, "POST", "/vehicles", exempt))[0] == 201  # unchanged
             status, rows, _ = await call(port, "GET", "/audit?user=test-admin")
@@ -359,6 +359,7 @@ async def test_setting_a_vehicle_exempt_is_audited_with_who_when_before_after(
     )
     assert row["before"]["exempt"] is False
     assert row["after"]["exempt"] is True
+    assert row["reason"] == "escort duty"
     assert datetime.fromisoformat(row["at"]) >= started
 
     assert cli.main(["audit", "list", "--since", started.isoformat(), "--dsn", db, "--json"]) == 0

@@ -16,6 +16,7 @@ from alerts.lifecycle import Alert
 from alerts.rules import AlertState, Severity
 from storage import AlertRepository, StorageError, migrate, month_bounds
 from tests.storage_fixtures import pg_dsn, pg_schema_dsn  # noqa: F401
+from tools import report_chart
 from tools.cli import main
 
 
@@ -86,6 +87,31 @@ def test_report_table_csv_and_png(
     assert main([*args, "--unit", "Audit", "--png", str(out_png)]) == 0
     assert "holiday_sealing" not in capsys.readouterr().out
     assert main(["report", "violations", "--period", "2026-13", "--dsn", stored]) == 1
+
+
+def test_report_png_needs_a_cjk_font_for_chinese_units(
+    stored: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with AlertRepository(stored) as repo:
+        repo.put(
+            _alert(
+                8,
+                "overspeed",
+                "昆明市财政局",
+                datetime(2026, 10, 5, tzinfo=GMT8),
+                AlertState.VIOLATION,
+            )
+        )
+    out_png = tmp_path / "v.png"
+    args = ["report", "violations", "--period", "2026-10", "--dsn", stored, "--png", str(out_png)]
+    monkeypatch.setattr(report_chart, "find_cjk_font", lambda: None)
+    assert main(args) == 1
+    assert "no CJK font" in caplog.text
+    assert "apt-get install fonts-noto-cjk" in caplog.text
+    assert not out_png.exists()
+    # ASCII units only: drawn with English labels
+    assert main([*args, "--unit", "Audit"]) == 0
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_alerts_list(stored: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,13 +2,12 @@
 
 The periodic violation report of articles 23-24: violations per owning unit and rule for a
 China-time month (counted in the month their episode opened), as a table on standard output,
-optionally as CSV and as a PNG bar chart (matplotlib, Agg backend: no display needed).
+optionally as CSV and as a PNG chart in Chinese and English (``tools/report_chart.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import sys
 from collections.abc import Sequence
@@ -24,13 +23,13 @@ from storage import (
     month_bounds,
     violations_by_unit_rule,
 )
-from storage.reports_violations import BackfillCount, backfilling_by_unit
+from storage.reports_violations import BackfillCount, backfilling_by_unit, write_csv
 from tools.db_cmd import add_database_arguments, resolve
+from tools.report_chart import ChartFontError, draw_png
 from tools.text import display_width, pad
 
 logger = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("period", "unit", "rule", "violations", "vehicles")
 EXAMPLES = """\
 examples:
   jt808 report violations --period 2026-10
@@ -59,65 +58,15 @@ def write_table(period: str, counts: Sequence[ViolationCount], out: TextIO) -> N
     out.write(f"{'total'.ljust(width)}  {''.ljust(17)}  {sum(c.violations for c in counts):>10}\n")
 
 
-# Back-filing figures in the CSV: one row per unit and figure, in the "rule" column.
-BACKFILL_FIGURES = ("backfilled_in_time", "backfilled_late", "claimed_earlier_than_receipt")
-
-
 def write_backfilling(period: str, counts: Sequence[BackfillCount], out: TextIO) -> None:
     """Article 21: back-filings of the period's trips per unit."""
     if not counts:
         return
-    width = max([4, *(len(c.unit) for c in counts)])
+    width = max([4, *(display_width(c.unit) for c in counts)])
     out.write(f"\nBack-filing {period}\n")
     out.write(f"{'UNIT'.ljust(width)}  IN TIME  LATE  CLAIMED EARLIER THAN RECEIPT\n")
     for c in counts:
-        out.write(f"{c.unit.ljust(width)}  {c.in_time:>7}  {c.late:>4}  {c.claimed_earlier:>28}\n")
-
-
-def write_csv(
-    period: str,
-    counts: Sequence[ViolationCount],
-    out: TextIO,
-    backfilling: Sequence[BackfillCount] = (),
-) -> None:
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for c in counts:
-        writer.writerow((period, c.unit, c.rule, c.violations, c.vehicles))
-    for b in backfilling:
-        for figure, value in zip(
-            BACKFILL_FIGURES, (b.in_time, b.late, b.claimed_earlier), strict=True
-        ):
-            writer.writerow((period, b.unit, figure, value, ""))
-
-
-def draw_png(period: str, counts: Sequence[ViolationCount], path: Path) -> None:
-    """Grouped bars: one group per unit, one bar per rule."""
-    import matplotlib  # noqa: PLC0415 - only this report needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    units = sorted({c.unit for c in counts})
-    rules = sorted({c.rule for c in counts})
-    value = {(c.unit, c.rule): c.violations for c in counts}
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(units) + 3), 4.5), dpi=100)
-    try:
-        width = 0.8 / max(1, len(rules))
-        for i, rule in enumerate(rules):
-            xs = [u + i * width - 0.4 + width / 2 for u in range(len(units))]
-            ax.bar(xs, [value.get((unit, rule), 0) for unit in units], width, label=rule)
-        ax.set_xticks(range(len(units)), units)
-        ax.set_ylabel("violations")
-        ax.set_title(f"Violations per unit and rule, {period}")
-        if rules:
-            ax.legend(fontsize="small")
-        else:
-            ax.text(0.5, 0.5, "no violations", ha="center", va="center", transform=ax.transAxes)
-        fig.tight_layout()
-        fig.savefig(path, format="png")
-    finally:
-        plt.close(fig)
+        out.write(f"{pad(c.unit, width)}  {c.in_time:>7}  {c.late:>4}  {c.claimed_earlier:>28}\n")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
             with args.csv.open("w", encoding="utf-8", newline="") as out:
                 write_csv(args.period, counts, out, backfilling)
         if args.png is not None:
-            draw_png(args.period, counts, args.png)
-    except OSError as exc:
+            draw_png(args.period, counts, args.png, backfilling)
+    except (OSError, ChartFontError) as exc:
         logger.error("%s", exc)  # noqa: TRY400
         return 1
     return 0

@@ -223,7 +223,8 @@ class DatabaseMasterDataAdmin:
 
         def write(conn: psycopg.Connection[Any]) -> list[int]:
             with conn.transaction():
-                masterdata.upsert_vehicles(conn, rows)
+                # The operator port's writes: an exempt change names its reason.
+                masterdata.upsert_vehicles(conn, rows, exempt_needs_reason=True)
                 ids = masterdata.vehicle_ids(conn, [r["plate"] for r in rows])
             return [int(i) for i in ids if i is not None]
 
@@ -249,8 +250,16 @@ class DatabaseMasterDataAdmin:
         return await self._write(write, actor)
 
     async def add_filings(self, items: list[Any], *, actor: Actor | None = None) -> list[int]:
+        def known(conn: psycopg.Connection[Any]) -> tuple[set[str], set[str]]:
+            plates = {row["plate"] for row in masterdata.load_registry_rows(conn)}
+            return plates, {row["name"] for row in masterdata.load_fence_rows(conn)}
+
+        # Plates and destinations checked with the rest: one answer lists every problem.
+        plates, fences = await self._run(known)
         try:
-            rows = masterdata.filing_rows_from_json(items, now=self._wall_clock())
+            rows = masterdata.filing_rows_from_json(
+                items, now=self._wall_clock(), plates=plates, fences=fences
+            )
         except masterdata.MasterDataError as exc:
             raise MasterDataRejected(exc.problems) from exc
 

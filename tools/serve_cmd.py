@@ -441,6 +441,17 @@ async def serve(
     # Operator accounts (jt808 users / tokens): every operator request but /healthz (and a
     # public /metrics) needs a bearer token of one.
     operator_access = DatabaseOperatorAccess(dsn)
+    from ingest.console_api import ConsoleApi  # noqa: PLC0415
+    from tools.console_db import DatabaseConsoleData  # noqa: PLC0415
+
+    # The operator console: its page, its session and the data it shows, on the operator port.
+    console_data = DatabaseConsoleData(dsn)
+    console = ConsoleApi(
+        data=console_data,
+        tile_url=config.console_tile_url,
+        tile_attribution=config.console_tile_attribution,
+        offline_after_s=config.console_offline_after_s,
+    )
     server = Server(
         config,
         sink=sink,
@@ -476,6 +487,8 @@ async def serve(
 
     try:
         async with trio.open_nursery() as services:
+            if handle_signals:  # first of all: a SIGTERM at any point from here is graceful
+                await services.start(_stop_on_signal, server, services.cancel_scope)
             await services.start(supervised("schema", migrator.run))
             # A database that answers is migrated before the other services start (they then
             # find their tables); one that does not is retried in the background meanwhile.
@@ -490,6 +503,7 @@ async def serve(
                 )
             operator_http = server.operator_http(access=operator_access)
             operator_http.masterdata = admin
+            operator_http.console = console
             operator_http.health = functools.partial(_health, server, migrator, writer, spool)
             http_ports = await _listening(
                 "the operator port",
@@ -503,8 +517,6 @@ async def serve(
                 config.port,
                 functools.partial(services.start, supervised("server", run_server)),
             )
-            if handle_signals:  # before saying "serving": a SIGTERM from then on is graceful
-                await services.start(_stop_on_signal, server, services.cancel_scope)
             logger.info(
                 "node %s serving JT/T 808 on %s port(s) %s, operator HTTP on %s:%s, ack=%s",
                 server.node_id,
@@ -528,6 +540,7 @@ async def serve(
             close()
         media.close()
         operator_access.close()
+        console_data.close()
         sessions.close()
         bus.close()
     logger.info("stopped")
