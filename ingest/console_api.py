@@ -62,11 +62,13 @@ from ingest.http import (
     _path,
     _unknown_value,
     _until_closed,
+    bounded_int,
     parse_json,
 )
 from ingest.interfaces import (
     AlertFilter,
     ConsoleData,
+    MasterDataRejected,
     ServiceUnavailableError,
     UnknownAlertValueError,
 )
@@ -499,6 +501,8 @@ class ConsoleApi:
             answer = await self._answer(http, exchange, request, path, content)
         except ServiceUnavailableError as exc:
             answer = _error(503, "unavailable", str(exc))
+        except MasterDataRejected as exc:  # a value the database cannot hold
+            answer = _error(400, "bad_request", str(exc))
         await http._reply(exchange, answer)
 
     async def _answer(
@@ -804,9 +808,10 @@ def _time(text: str, name: str) -> datetime:
 def _limit(text: str | None) -> int:
     if text is None:
         return DEFAULT_ALERTS
-    if not text.isdigit() or not 1 <= int(text[:9]) <= MAX_ALERTS:
+    found = bounded_int(text, 1, MAX_ALERTS)
+    if found is None:
         raise ValueError(f"limit must be 1 to {MAX_ALERTS}")
-    return int(text)
+    return found
 
 
 # The longest note an operator may write (storage keeps the same cap).

@@ -1129,10 +1129,28 @@ def _audit_query(request: h11.Request) -> tuple[datetime | None, str | None, int
         since = since if since.tzinfo is not None else since.replace(tzinfo=CHINA)
     limit = MAX_AUDIT_ROWS
     if "limit" in one:
-        if not one["limit"].isdigit() or not 1 <= int(one["limit"][:9]) <= MAX_AUDIT_ROWS:
+        found = bounded_int(one["limit"], 1, MAX_AUDIT_ROWS)
+        if found is None:
             raise ValueError(f"limit must be 1 to {MAX_AUDIT_ROWS}")
-        limit = int(one["limit"])
+        limit = found
     return since, one.get("user"), limit
+
+
+def bounded_int(text: str, low: int, high: int) -> int | None:
+    """The decimal number ``text`` when it is one from ``low`` to ``high`` (None otherwise).
+
+    ASCII digits only (``str.isdigit`` also takes "²", which ``int`` refuses), and the value is
+    what is compared, not a prefix of the text: "0000000011000000" is eleven million, which a
+    check of its first nine characters took for 1.  Leading zeros are dropped before ``int``
+    sees the text, so a long run of them is no digit-limit error either.
+    """
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(high)):
+        return None
+    value = int(digits)
+    return value if low <= value <= high else None
 
 
 def _header(request: h11.Request, name: bytes) -> bytes | None:

@@ -1042,7 +1042,9 @@ class InMemoryOperatorAccess:
 class ConsoleData(Protocol):
     """What the operator console reads (:mod:`ingest.console_api`), as JSON values: times are
     ISO 8601 strings in China time (+08:00).  Any method raises
-    :class:`ServiceUnavailableError` when its store cannot answer now.
+    :class:`ServiceUnavailableError` when its store cannot answer now, and
+    :class:`MasterDataRejected` when its store refuses a value it was given (text with NUL or an
+    unpaired surrogate, which PostgreSQL cannot hold): the request's fault, answered 400.
 
     A position entry is ``{"vehicle_id", "plate", "unit", "category", "phone", "device_time",
     "received_at", "lat", "lon", "speed_kmh", "direction"}``; an alert is the record the alert

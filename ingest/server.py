@@ -728,6 +728,7 @@ class _Connection:
         "connected_at",
         "connected_since",
         "decoder",
+        "firmware",
         "last_seen",
         "metrics",
         "number",
@@ -746,6 +747,7 @@ class _Connection:
         self._fd = stream.socket.fileno()  # written to directly (see _send_wire)
         self.number = number
         self.peer_host, self.peer = _peer_names(stream)
+        self.firmware: str | None = None
         self.session = Session(
             policy=server.policy,
             dedup=server.dedup,
@@ -827,6 +829,7 @@ class _Connection:
             # China time, as every other time the platform shows
             "connected_since": self.connected_since.astimezone(GMT8).isoformat(),
             "last_seen": self.last_seen.astimezone(GMT8).isoformat(),
+            "firmware": self.firmware,  # None before 2019 (0x0102 carries none)
         }
 
     # -- control from outside
@@ -1327,6 +1330,8 @@ class _Connection:
                         self.metrics.logins_unanswered.labels("authenticate").inc()
                     elif ok:
                         self.server.activity["authenticated"] += 1
+                        # JT/T 808-2019 8.5 (0x0102): the software version, shown by /terminals
+                        self.firmware = action.request.software_version
                     else:
                         self.metrics.auth_failures.inc()
                     now = trio.current_time()

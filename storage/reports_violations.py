@@ -31,7 +31,10 @@ __all__ = [
     "write_csv",
 ]
 
-_PERIOD_RE = re.compile(r"^(\d{4})-(\d{2})$")
+# ASCII digits, the whole string: ``\d`` also takes other scripts' digits (full-width "２０２６"
+# is a number to int()) and ``$`` matches before a final newline, and the period is echoed
+# into a CSV's file name in a response header, which may hold neither.
+_PERIOD_RE = re.compile(r"([0-9]{4})-([0-9]{2})")
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,14 +47,18 @@ class ViolationCount:
 
 def month_bounds(period: str) -> tuple[datetime, datetime]:
     """``YYYY-MM`` as the China-time month [start, end)."""
-    match = _PERIOD_RE.match(period)
+    match = _PERIOD_RE.fullmatch(period)
     if match is None:
         raise StorageError(f"period must be YYYY-MM, got {period!r}")
     year, month = int(match.group(1)), int(match.group(2))
     if not 1 <= month <= 12:
         raise StorageError(f"period month must be 01-12, got {period!r}")
-    start = datetime.combine(date(year, month, 1), datetime.min.time(), CHINA)
-    nxt = date(year + 1, 1, 1) if month == 12 else date(year, month + 1, 1)
+    try:
+        first = date(year, month, 1)
+        nxt = date(year + 1, 1, 1) if month == 12 else date(year, month + 1, 1)
+    except ValueError:  # the year 0, or 9999-12 (whose end would be the year 10000)
+        raise StorageError(f"period {period!r} is out of the calendar's range") from None
+    start = datetime.combine(first, datetime.min.time(), CHINA)
     return start, datetime.combine(nxt, datetime.min.time(), CHINA)
 
 

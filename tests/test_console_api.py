@@ -473,6 +473,46 @@ async def test_the_violation_report_as_json_and_csv(db: str) -> None:
         assert status == 403
 
 
+async def test_hostile_values_are_refused_400_never_500_or_503(db: str) -> None:
+    """Values the hostile-input campaign (tests/test_http_campaign.py) found answered 500 or
+    503 while the database was up: each is the request's fault, answered 400."""
+    seed(db)
+    async with console_port(db) as (port, _):
+        # A period with a final newline matched "$", and its CSV's file name put the newline
+        # in a response header, which h11 refused: 500.  Full-width digits matched "\d".
+        for period in (
+            "2026-10%0A",
+            "2026-10%0D%0AX-Injected:%201",
+            "%EF%BC%92%EF%BC%90%EF%BC%92%EF%BC%96-10",
+            "9999-12",
+        ):
+            for form in ("csv", "json"):
+                status, body, _ = await request(
+                    port, "GET", f"/reports/violations?period={period}&format={form}"
+                )
+                assert (status, body["error"]) == (400, "bad_request"), (period, form)
+        # Text PostgreSQL cannot hold (NUL, an unpaired surrogate) was refused by the database
+        # and answered 503 "unavailable"; nothing is stored either way.
+        status, body, _ = await request(port, "GET", "/reports/violations?period=2026-10&unit=%00")
+        assert (status, body["error"]) == (400, "bad_request")
+        for text in ("a\x00b", "a\ud800"):
+            status, body, _ = await request(
+                port, "POST", "/alerts/overspeed%3A1/notes", {"text": text}
+            )
+            assert (status, body["error"]) == (400, "bad_request"), text
+        # A limit of eleven million behind leading zeros passed the check of its first nine
+        # characters (1); a superscript two is a digit to str.isdigit.
+        for limit in ("0000000011000000", "%C2%B2", "%D9%A1"):
+            status, _, _ = await request(port, "GET", f"/alerts?limit={limit}")
+            assert status == 400, limit
+            status, _, _ = await request(port, "GET", f"/audit?limit={limit}")
+            assert status == 400, limit
+        status, _, _ = await request(port, "GET", "/alerts?limit=00005")
+        assert status == 200
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM alert_notes").fetchone() == (0,)
+
+
 async def test_changing_exempt_needs_a_reason_which_the_audit_keeps(db: str) -> None:
     seed(db)
     car = {"plate": "云A1", "phone": "013800000001", "unit": "north", "category": "retained"}

@@ -23,13 +23,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import trio
 
 from protocol.fields import GMT8
 from protocol.messages.location import LocationReport
 from storage.alerts import AlertRepository
-from tests.operator_auth import store_token
+from tests.operator_auth import TEST_TOKEN, TEST_USER, store_token
 from tests.serving import http, serving
 from tests.storage_fixtures import pg_dsn, pg_schema_dsn  # noqa: F401
 from tests.terminal_client import Terminal
@@ -314,6 +315,23 @@ def _browse(chromium: str, base: str, shots: Path, go: trio.Event) -> dict[str, 
             page.locator(".filings-table tbody tr").first.click()
             expect(page.locator(".side h2")).to_contain_text(DRIVER["plate"])
             expect(page.locator(".correct-filing")).to_have_count(0)
+
+            # -- an admin makes the parked vehicle exempt: refused without a reason, then saved
+            page.click("#logout")
+            expect(page.locator("#login-form")).to_be_visible()
+            page.fill("#login-token", TEST_TOKEN)
+            page.click("#login-form button[type=submit]")
+            page.click("#nav a[data-view=fleet]")
+            page.locator(f".fleet-table tr:has-text('{PARKED['plate']}')").click()
+            form = page.locator(".vehicle-form")
+            expect(form).to_be_visible()
+            form.locator("input[name=exempt]").check()
+            form.locator("textarea[name=reason]").evaluate("node => { node.required = false }")
+            form.locator("button[type=submit]").click()
+            expect(form.locator("p.error")).to_have_text("修改豁免标志须填写理由。")
+            form.locator("textarea[name=reason]").fill("应急救援保障车辆")
+            form.locator("button[type=submit]").click()
+            expect(form.locator("p.ok")).to_have_text("已保存。")
             seen["errors"] = errors
         finally:
             browser.close()
@@ -416,6 +434,13 @@ async def test_console_end_to_end(chromium: str, pg_schema_dsn: str, tmp_path: P
     assert seen["updates_drawn"] >= 1
     assert REPORT_UNITS[0] in seen["csv"]
     assert seen["errors"] == []
+    with psycopg.connect(dsn) as conn:
+        exempted = conn.execute(
+            "SELECT actor, reason, (after->>'exempt')::boolean FROM audit_log "
+            "WHERE action = 'vehicle.exempt' AND object_key = %s",
+            (PARKED["plate"],),
+        ).fetchall()
+    assert exempted == [(TEST_USER, "应急救援保障车辆", True)]
     for name in ("console-map", "console-alerts", "console-alert-detail", "console-report"):
         assert (shots / f"{name}.png").stat().st_size > 10_000
 

@@ -707,6 +707,14 @@ async def test_operator_http_endpoints() -> None:
             # China time, as every other time the platform shows
             assert online["connected_since"] == "2024-05-01T08:30:00+08:00"
             assert online["last_seen"] == WALL.astimezone(GMT8).isoformat()
+            assert online["firmware"] is None  # a 2013 authentication carries no version
+
+            # a 2019 terminal's software version (0x0102) is shown
+            newer = await h.terminal("13800000009", Edition.V2019)
+            await newer.login()
+            status, _, body = await http_get(port, "/terminals")
+            (shown,) = [t for t in json.loads(body) if t["edition"] == 2019]
+            assert shown["firmware"] == "1.0.7"
 
             status, _, _ = await http_get(port, "/nope")
             assert status == 404

@@ -60,7 +60,7 @@ def test_month_bounds() -> None:
     start, end = month_bounds("2026-12")
     assert start == datetime(2026, 12, 1, tzinfo=GMT8)
     assert end == datetime(2027, 1, 1, tzinfo=GMT8)
-    for bad in ("2026-13", "2026-1", "October"):
+    for bad in ("2026-13", "2026-1", "October", "2026-10\n", "２０２６-１０", "0000-01", "9999-12"):
         with pytest.raises(StorageError):
             month_bounds(bad)
 

@@ -4,7 +4,7 @@ Reads run in worker threads, each on a connection of its own (:func:`storage.mas
 opens one per request), at most :data:`CONSOLE_CONNECTIONS` at once; the positions hub's
 once-a-second read keeps one connection open instead, since it asks all the time while anyone
 watches.  Values come back as JSON (times ISO 8601 in China time).  A database that cannot
-answer is ``ServiceUnavailableError``.
+answer is ``ServiceUnavailableError``; a value it refuses is ``MasterDataRejected``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import psycopg
 import trio
 
-from ingest import AlertFilter
+from ingest import AlertFilter, MasterDataRejected
 from ingest.access import Actor
 from ingest.interfaces import AlertVocabulary, ServiceUnavailableError
 from storage import StorageError, console, masterdata
@@ -79,8 +79,13 @@ class DatabaseConsoleData:
 
         try:
             return await trio.to_thread.run_sync(call, limiter=self._limiter)
-        except (DatabaseUnavailableError, masterdata.MasterDataError) as exc:
+        except DatabaseUnavailableError as exc:
             raise ServiceUnavailableError(f"the database is unavailable: {exc}") from exc
+        except masterdata.MasterDataError as exc:
+            # The database refused a value of the request (a note's or a unit's text with NUL
+            # or an unpaired surrogate): the same request fails again, so it is not "the
+            # database is unavailable" (503) but the client's fault (400).
+            raise MasterDataRejected(exc.problems) from exc
 
     async def _poll(self, work: Callable[[psycopg.Connection[Any]], _T]) -> _T:
         def call() -> _T:
