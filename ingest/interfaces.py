@@ -801,8 +801,10 @@ class MasterDataAdmin(Protocol):
     * fences: a GeoJSON FeatureCollection (``geofence.geojson``), matched by id or name;
     * filing: ``{"plate", "start", "end" (ISO 8601; China time without an offset),
       "destination" (fence name or null), "purpose", "passengers", "approver", "filed_at"
-      (optional, default now), "state" (optional, default approved)}``, matched by vehicle and
-      window.  Read back with an ``"id"`` and times as ISO 8601 with their offset.
+      (optional: what the client claims; the platform stamps its own receipt, ``received_at``),
+      "state" (optional, default approved), "id" (optional: the filing corrected, a new
+      version)}``, matched by id, else by vehicle and window.  Read back with an ``"id"`` and
+      times as ISO 8601 with their offset.
     """
 
     async def add_vehicles(self, items: list[Any], *, actor: Actor | None = None) -> list[int]:
