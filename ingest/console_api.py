@@ -279,6 +279,13 @@ class PositionsHub:
                     if self.last_error is None:
                         logger.warning("console positions: %s; trying again each second", exc)
                     self.last_error = str(exc)
+                except Exception as exc:
+                    # A round that fails otherwise (a value the database refuses, a bug) is
+                    # this round's: the hub runs in the operator port's nursery, and must not
+                    # take the port, its streams and every other request down with it.
+                    if self.last_error is None:
+                        logger.exception("console positions: a round failed; trying again")
+                    self.last_error = f"{type(exc).__name__}: {exc}"
                 else:
                     self.last_error = None
                 await trio.sleep_until(started + self.poll_s)

@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import h11
 import psycopg
 import pytest
 import trio
@@ -24,7 +23,7 @@ from ingest.interfaces import InMemoryMasterDataAdmin
 from ingest.lockout import LockoutPolicy
 from storage import masterdata
 from storage.alerts import AlertRepository
-from tests.operator_auth import TEST_TOKEN, memory_access
+from tests.operator_auth import TEST_TOKEN, exchange, memory_access, port_of
 from tests.storage_fixtures import migrated_db, pg_dsn, pg_schema_dsn  # noqa: F401
 from tools.console_db import DatabaseConsoleData
 from tools.rules_db import DatabaseMasterDataAdmin
@@ -50,39 +49,10 @@ async def request(
     headers: tuple[tuple[str, str], ...] = (),
 ) -> tuple[int, Any, dict[bytes, bytes]]:
     """One request: status, the body (JSON decoded when it is JSON) and the headers."""
-    data = b"" if body is None else json.dumps(body).encode()
-    sent = [("host", "test"), ("content-length", str(len(data))), *headers]
-    if token is not None:
-        sent.append(("authorization", f"Bearer {token}"))
-    conn = h11.Connection(h11.CLIENT)
-    with trio.fail_after(10):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        out = conn.send(h11.Request(method=method, target=target, headers=sent)) or b""
-        out += (conn.send(h11.Data(data=data)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
-        await stream.send_all(out)
-        status, answer, got = 0, bytearray(), {}
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status, got = event.status_code, dict(event.headers)
-            elif isinstance(event, h11.Data):
-                answer += event.data
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                break
-        await stream.aclose()
+    status, answer, got = await exchange(port, method, target, body, token=token, headers=headers)
     if got.get(b"content-type", b"").startswith(b"application/json") and answer:
         return status, json.loads(answer), got
-    return status, bytes(answer), got
-
-
-@asynccontextmanager
-async def port_of(http: OperatorHttp) -> AsyncIterator[int]:
-    async with trio.open_nursery() as nursery:
-        (port,) = await nursery.start(http.run)
-        yield port
-        nursery.cancel_scope.cancel()
+    return status, answer, got
 
 
 def operator(console: ConsoleApi, admin: Any = None) -> OperatorHttp:

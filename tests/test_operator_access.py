@@ -5,15 +5,11 @@ on the operator port."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import h11
 import psycopg
 import pytest
-import trio
 from prometheus_client import CollectorRegistry
 
 from ingest import access
@@ -28,7 +24,7 @@ from ingest.interfaces import (
 from ingest.lockout import LockoutPolicy
 from ingest.metrics import Metrics
 from storage import access as access_store
-from tests.operator_auth import TEST_TOKEN, memory_access, store_token
+from tests.operator_auth import TEST_TOKEN, exchange, memory_access, port_of, store_token
 from tests.storage_fixtures import migrated_db, pg_dsn, pg_schema_dsn  # noqa: F401
 from tests.test_rules_service import at
 from tools import cli
@@ -74,40 +70,11 @@ async def call(
     token: str | None = TEST_TOKEN,
 ) -> tuple[int, Any, dict[bytes, bytes]]:
     """One request: status, decoded JSON (or text) and the response headers."""
-    data = b"" if body is None else json.dumps(body).encode()
-    headers = [("host", "test"), ("content-length", str(len(data)))]
-    if token is not None:
-        headers.append(("authorization", f"Bearer {token}"))
-    conn = h11.Connection(h11.CLIENT)
-    with trio.fail_after(10):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        out = conn.send(h11.Request(method=method, target=target, headers=headers)) or b""
-        out += (conn.send(h11.Data(data=data)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
-        await stream.send_all(out)
-        status, answer, got = 0, bytearray(), {}
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status, got = event.status_code, dict(event.headers)
-            elif isinstance(event, h11.Data):
-                answer += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                break
-        await stream.aclose()
+    status, answer, got = await exchange(port, method, target, body, token=token)
     try:
         return status, json.loads(answer), got
     except ValueError:
         return status, answer.decode(), got
-
-
-@asynccontextmanager
-async def port_of(http: OperatorHttp) -> AsyncIterator[int]:
-    async with trio.open_nursery() as nursery:
-        (port,) = await nursery.start(http.run)
-        yield port
-        nursery.cancel_scope.cancel()
 
 
 def operator(
